@@ -1,0 +1,148 @@
+"""The `strangler` command line.
+
+Each sub-command is a small function; only this module and the functions it
+calls at start-up touch the global reactor. Exit codes: 0 success, 1 the
+rules or the request were refused, 2 the command line itself was wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from strangler.errors import ConfigError
+from strangler.model import Address, Rules
+
+
+def _load_or_report(path: str) -> Rules | None:
+    from strangler.rules import load_rules
+
+    try:
+        return load_rules(Path(path))
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        count = len(exc.problems)
+        print(f"{path}: {count} problem{'s' if count != 1 else ''}", file=sys.stderr)
+        return None
+    except OSError as exc:
+        print(f"{path}: cannot read rule file: {exc.strerror}", file=sys.stderr)
+        return None
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    rules = _load_or_report(args.rules)
+    if rules is None:
+        return 1
+    print(
+        f"{args.rules}: ok ({len(rules.routes)} routes, "
+        f"{len(rules.upstreams)} upstreams, default {rules.default})"
+    )
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from strangler.explain import explain
+
+    rules = _load_or_report(args.rules)
+    if rules is None:
+        return 1
+    headers = {}
+    for raw in args.header or []:
+        name, sep, value = raw.partition(":")
+        if not sep or not name.strip():
+            print(f"-H {raw!r}: expected 'Name: value'", file=sys.stderr)
+            return 2
+        headers[name.strip()] = value.strip()
+    if not args.path.startswith("/"):
+        print(f"PATH {args.path!r}: must start with /", file=sys.stderr)
+        return 2
+    result = explain(rules, args.method, args.path, headers, client_ip=args.client_ip)
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+    else:
+        print(result.as_text())
+    return 0
+
+
+def _parse_listen(text: str) -> Address:
+    host, _, port = text.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    return Address(host, int(port))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from twisted.internet import reactor
+
+    from strangler.logs import configure_logging
+    from strangler.rules import load_rules
+    from strangler.server import GatewayServer
+
+    rules = _load_or_report(args.rules)
+    if rules is None:
+        return 1
+    configure_logging()
+    override = _parse_listen(args.listen) if args.listen else None
+    server = GatewayServer(rules, reactor, load_rules, listen_override=override)
+    try:
+        server.start()
+    except Exception as exc:  # noqa: BLE001 - report any bind failure plainly
+        print(f"cannot listen on {server.rules.listen}: {exc}", file=sys.stderr)
+        return 1
+    server.watch()
+    server.install_signal_handlers()
+    reactor.run(installSignalHandlers=False)  # type: ignore[attr-defined]
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from strangler.demo.run import run_demo
+
+    return run_demo(port_offset=args.port_offset)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="strangler",
+        description="A Strangler-Fig migration gateway: route, split, shadow and "
+        "translate traffic away from a legacy monolith.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the gateway with a rule file")
+    serve.add_argument("rules", metavar="RULES")
+    serve.add_argument("--listen", help="override the rule file's listen address")
+    serve.set_defaults(func=cmd_serve)
+
+    check = sub.add_parser("check", help="validate a rule file")
+    check.add_argument("rules", metavar="RULES")
+    check.set_defaults(func=cmd_check)
+
+    exp = sub.add_parser("explain", help="show what the gateway would do with a request")
+    exp.add_argument("rules", metavar="RULES")
+    exp.add_argument("method", metavar="METHOD")
+    exp.add_argument("path", metavar="PATH")
+    exp.add_argument("-H", "--header", action="append", metavar="'K: V'")
+    exp.add_argument("--client-ip", default="127.0.0.1", help="peer address for ip stickiness")
+    exp.add_argument("--json", action="store_true", help="print JSON instead of text")
+    exp.set_defaults(func=cmd_explain)
+
+    demo = sub.add_parser("demo", help="run a legacy monolith, a new service and the gateway")
+    demo.add_argument(
+        "--port-offset", type=int, default=0, help="add this to every demo port"
+    )
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

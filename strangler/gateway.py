@@ -1,0 +1,209 @@
+"""The gateway's live state: compiled routes, upstream pools and balancers.
+
+A `GatewayState` is built from one `Rules` and never changed afterwards; a
+reload builds a new one and swaps it in, so a request keeps the state it
+started with. Upstreams whose definition did not change are carried over
+whole into the new state, with their connection pools, health and counters.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from strangler.balancing import TargetState, make_balancer
+from strangler.model import Route, Rules, SplitEntry, Sticky, Upstream
+from strangler.proxy.upstream import TargetPool
+from strangler.routing import Router
+from strangler.splitting import Splitter
+
+DEFAULT_ROUTE_NAME = "default"
+
+
+class UpstreamRuntime:
+    """One upstream's targets, their pools and the balancer that picks among them."""
+
+    def __init__(self, model: Upstream, reactor: Any, rng: random.Random) -> None:
+        self.model = model
+        self.name = model.name
+        self.states = [TargetState(target) for target in model.targets]
+        self.pools = {id(state): _make_pool(state, reactor) for state in self.states}
+        self.balancer = make_balancer(model.balance, self.states, rng=rng)
+
+    def pick(
+        self, client_ip: str | None, exclude: tuple[TargetState, ...] = ()
+    ) -> tuple[TargetState, TargetPool]:
+        """A target for one attempt, and the pool that reaches it."""
+        state = self.balancer.pick(client_ip, exclude)
+        return state, self.pools[id(state)]
+
+    def close(self) -> None:
+        for pool in self.pools.values():
+            pool.close_idle()
+
+
+def _make_pool(state: TargetState, reactor: Any) -> TargetPool:
+    tls = None
+    if state.target.scheme == "https":
+        from twisted.internet.ssl import optionsForClientTLS
+
+        tls = optionsForClientTLS(state.target.host)
+    return TargetPool(state, reactor, tls_options=tls)
+
+
+@dataclass(frozen=True, slots=True)
+class Branch:
+    """One split entry resolved against the live upstreams."""
+
+    entry: SplitEntry
+    upstream: UpstreamRuntime
+    timeout: float
+    connect_timeout: float
+
+
+@dataclass(slots=True)
+class RoutePlan:
+    """Everything the proxy needs to send a request that matched one route."""
+
+    name: str
+    route: Route | None
+    branches: tuple[Branch, ...]
+    splitter: Splitter | None
+    sticky: Sticky | None
+    override_header: bytes | None
+    by_upstream: dict[str, int] = field(default_factory=dict)
+
+
+class GatewayState:
+    """One rule file, compiled and bound to live upstreams."""
+
+    def __init__(
+        self,
+        rules: Rules,
+        reactor: Any,
+        previous: GatewayState | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.rules = rules
+        self.rng = rng or random.Random()
+        self.router = Router(rules.routes)
+        self.upstreams = self._bind_upstreams(rules, reactor, previous)
+        self.plans = {route.name: self._plan(route) for route in rules.routes}
+        default_entry = SplitEntry(to=rules.default)
+        self.default_plan = RoutePlan(
+            name=DEFAULT_ROUTE_NAME,
+            route=None,
+            branches=(self._branch(default_entry),),
+            splitter=None,
+            sticky=None,
+            override_header=None,
+        )
+
+    def plan_for(self, route: Route | None) -> RoutePlan:
+        return self.default_plan if route is None else self.plans[route.name]
+
+    def retired_upstreams(self, newer: GatewayState) -> list[UpstreamRuntime]:
+        """Upstreams of this state that `newer` no longer uses."""
+        return [
+            runtime
+            for name, runtime in self.upstreams.items()
+            if newer.upstreams.get(name) is not runtime
+        ]
+
+    def _bind_upstreams(
+        self, rules: Rules, reactor: Any, previous: GatewayState | None
+    ) -> dict[str, UpstreamRuntime]:
+        bound = {}
+        for name, model in rules.upstreams.items():
+            old = previous.upstreams.get(name) if previous is not None else None
+            if old is not None and old.model == model:
+                bound[name] = old
+            else:
+                bound[name] = UpstreamRuntime(model, reactor, self.rng)
+        return bound
+
+    def _branch(self, entry: SplitEntry) -> Branch:
+        upstream = self.upstreams[entry.to]
+        rules = self.rules
+        return Branch(
+            entry=entry,
+            upstream=upstream,
+            timeout=_first(entry.timeout, upstream.model.timeout, rules.timeout),
+            connect_timeout=_first(
+                entry.connect_timeout,
+                upstream.model.connect_timeout,
+                rules.connect_timeout,
+            ),
+        )
+
+    def _plan(self, route: Route) -> RoutePlan:
+        branches = tuple(self._branch(entry) for entry in route.split)
+        splitter = None
+        if len(branches) > 1:
+            splitter = make_splitter(route.split, self.rng)
+        return RoutePlan(
+            name=route.name,
+            route=route,
+            branches=branches,
+            splitter=splitter,
+            sticky=route.sticky,
+            override_header=(
+                route.override.header.lower().encode("latin-1")
+                if route.override is not None
+                else None
+            ),
+            by_upstream={b.entry.to: i for i, b in enumerate(branches)},
+        )
+
+
+def make_splitter(entries: tuple[SplitEntry, ...], rng: random.Random) -> Splitter:
+    """A splitter whose branch labels are the upstream names, so keys stay put."""
+    return Splitter(
+        [entry.weight for entry in entries],
+        labels=[entry.to for entry in entries],
+        rng=rng,
+    )
+
+
+def _first(*values: float | None) -> float:
+    for value in values:
+        if value is not None:
+            return value
+    raise ValueError("no value given")
+
+
+class Gateway:
+    """Holds the current state and swaps it on reload; the proxy reads `state`."""
+
+    def __init__(
+        self,
+        rules: Rules,
+        reactor: Any,
+        access_log: Callable[[dict[str, Any]], None] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.rng = rng or random.Random()
+        self.state = GatewayState(rules, reactor, rng=self.rng)
+        self.access_log = access_log
+        self.connections: set[Any] = set()
+        self.draining = False
+
+    @property
+    def rules(self) -> Rules:
+        return self.state.rules
+
+    def apply(self, rules: Rules) -> GatewayState:
+        """Switch to new rules; requests already running finish on the old state."""
+        old = self.state
+        new = GatewayState(rules, self.reactor, previous=old, rng=self.rng)
+        self.state = new
+        for runtime in old.retired_upstreams(new):
+            runtime.close()
+        return new
+
+    def close(self) -> None:
+        for runtime in self.state.upstreams.values():
+            runtime.close()

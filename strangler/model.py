@@ -1,0 +1,247 @@
+"""The validated rule file as frozen data.
+
+`strangler.rules` turns YAML into these objects once, at load time; the hot
+path only reads them. Nothing here parses text or touches the network, so a
+whole configuration can be built by hand in a test.
+
+Durations are float seconds and sizes are int bytes by the time they get
+here. Names of upstreams are checked to exist before a `Rules` is built, so
+code reading a `Route` never meets an unknown upstream.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+BalanceName = Literal["round_robin", "least_conn", "ip_hash", "random"]
+StickyBy = Literal["header", "cookie", "ip", "jwt_claim"]
+TransformName = Literal["xml_to_json", "json_to_xml"]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+DEFAULT_TIMEOUT = 30.0
+DEFAULT_CONNECT_TIMEOUT = 5.0
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A host and port to listen on; `port` 0 asks the OS for a free one."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One instance of an upstream: `http://host:port`, with a balancing weight."""
+
+    url: str
+    scheme: str
+    host: str
+    port: int
+    weight: int = 1
+
+    @property
+    def authority(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    """Active health check of every target of an upstream."""
+
+    path: str = "/health"
+    interval: float = 2.0
+    timeout: float = 1.0
+    expect_status: tuple[int, int] = (200, 399)
+    healthy_after: int = 2
+    unhealthy_after: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """A named pool of targets and how to balance across them."""
+
+    name: str
+    targets: tuple[Target, ...]
+    balance: BalanceName = "round_robin"
+    health: HealthCheck | None = None
+    timeout: float | None = None
+    connect_timeout: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Rewrite:
+    """Path rewrite: replace a leading `prefix` with `to`, or a regex substitution.
+
+    Exactly one of `prefix` and `regex` is set. The rewrite only ever touches
+    the path; the query string is carried over unchanged by the proxy.
+    """
+
+    to: str
+    prefix: str | None = None
+    regex: re.Pattern[str] | None = None
+
+    def apply(self, path: str) -> str:
+        if self.prefix is not None:
+            if path.startswith(self.prefix):
+                rest = path[len(self.prefix) :]
+                if not rest or rest[0] == "/" or self.prefix.endswith("/"):
+                    joined = self.to + rest
+                    return joined if joined.startswith("/") else "/" + joined
+            return path
+        assert self.regex is not None
+        return self.regex.sub(self.to, path, count=1)
+
+
+@dataclass(frozen=True, slots=True)
+class Transform:
+    """Body transforms applied on the way to the upstream and back."""
+
+    request: TransformName | None = None
+    response: TransformName | None = None
+    max_body: int = 10 * MIB
+
+
+@dataclass(frozen=True, slots=True)
+class SplitEntry:
+    """One branch of a route: an upstream, its share and what to do on the way."""
+
+    to: str
+    weight: float = 100.0
+    rewrite: Rewrite | None = None
+    transform: Transform | None = None
+    timeout: float | None = None
+    connect_timeout: float | None = None
+    fallback: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Sticky:
+    """How to find the key that keeps one user on one side of a split."""
+
+    by: StickyBy
+    name: str = ""
+    cookie_ttl: float = 86400.0
+
+
+@dataclass(frozen=True, slots=True)
+class Override:
+    """Lets a tester force a split branch with a request header."""
+
+    header: str
+
+
+@dataclass(frozen=True, slots=True)
+class Compare:
+    """What a shadow comparison looks at and what it ignores."""
+
+    ignore: tuple[str, ...] = ()
+    headers: tuple[str, ...] = ("content-type",)
+    noise: Literal["auto", "off"] = "off"
+
+
+@dataclass(frozen=True, slots=True)
+class Shadow:
+    """Copy a share of a route's requests to another upstream and compare."""
+
+    to: str
+    percent: float = 100.0
+    methods: frozenset[str] = frozenset({"GET", "HEAD", "OPTIONS"})
+    rewrite: Rewrite | None = None
+    transform: Transform | None = None
+    timeout: float = 5.0
+    max_body: int = MIB
+    max_in_flight: int = 100
+    compare: Compare = field(default_factory=Compare)
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderMatch:
+    """A request header that must be present and, if given, match a regex."""
+
+    name: str
+    pattern: re.Pattern[str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """Conditions a request must meet for a route to take it; all must hold."""
+
+    path: str | None = None
+    path_regex: re.Pattern[str] | None = None
+    methods: frozenset[str] | None = None
+    headers: tuple[HeaderMatch, ...] = ()
+    host: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A named rule: what it matches and where matching requests go.
+
+    A route written with `to:` is held as a one-entry `split` so the proxy has
+    one code path; route-level `rewrite`, `transform` and timeouts are folded
+    into each entry that does not set its own.
+    """
+
+    name: str
+    match: Match
+    split: tuple[SplitEntry, ...]
+    sticky: Sticky | None = None
+    override: Override | None = None
+    shadow: Shadow | None = None
+    line: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Admin:
+    """The admin API listener and the bearer token that guards it."""
+
+    listen: Address
+    token: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds on what one client may send."""
+
+    client_header_timeout: float = 10.0
+    max_header_bytes: int = 16 * 1024
+    max_headers: int = 100
+    max_body: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLog:
+    """Where the one-line-per-request access log goes (`-` is stdout)."""
+
+    enabled: bool = True
+    path: str = "-"
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    """A whole, valid rule file."""
+
+    source: Path
+    listen: Address
+    upstreams: dict[str, Upstream]
+    default: str
+    routes: tuple[Route, ...] = ()
+    admin: Admin | None = None
+    trusted_proxies: tuple[Network, ...] = ()
+    expose_decision: bool = False
+    limits: Limits = field(default_factory=Limits)
+    access_log: AccessLog = field(default_factory=AccessLog)
+    timeout: float = DEFAULT_TIMEOUT
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    drain_timeout: float = 30.0

@@ -1,0 +1,1 @@
+"""The HTTP/1.1 relay: client connections, upstream connections, and one exchange."""

@@ -1,0 +1,586 @@
+"""One request's trip through the gateway: route, pick, relay, record.
+
+An `Exchange` is created when a request's head has been parsed. It decides
+the route and branch, builds the upstream request head in one pass over the
+client's headers, relays the body both ways as it streams (re-framing
+chunked bodies, never buffering beyond what a slow peer forces), and writes
+one access-log record at the end. Failures before the response head reached
+the client become a short JSON 502/504; after that the client connection is
+closed, so a truncated body is never passed off as complete.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import httptools
+
+from strangler.errors import UpstreamConnectError, UpstreamError
+from strangler.proxy import headers as hdr
+from strangler.proxy.responses import error_response
+from strangler.stickiness import new_cookie_key, set_cookie_header, sticky_key
+
+if TYPE_CHECKING:
+    from strangler.balancing import TargetState
+    from strangler.gateway import Branch, GatewayState, RoutePlan
+    from strangler.proxy.downstream import ClientConnection
+    from strangler.proxy.upstream import TargetPool, UpstreamConnection
+
+NO_BODY, LENGTH, CHUNKED = 0, 1, 2
+REPLAY_LIMIT = 64 * 1024
+PENDING_PAUSE = 64 * 1024
+_CRLF = b"\r\n"
+_LAST_CHUNK = b"0\r\n\r\n"
+_NO_BODY_STATUS = frozenset({204, 304})
+_DROP_FROM_RESPONSE = frozenset({b"x-request-id"})
+_PASS_ON_101 = frozenset({b"upgrade", b"connection"})
+
+
+class Exchange:
+    """A single request/response pair between one client and one upstream."""
+
+    __slots__ = (
+        "body_kind",
+        "branch",
+        "bytes_in",
+        "bytes_out",
+        "client",
+        "conn",
+        "content_length",
+        "decision",
+        "error",
+        "failed_targets",
+        "finished",
+        "head_bytes",
+        "headers",
+        "host",
+        "http11",
+        "keep_alive",
+        "method",
+        "path",
+        "pending",
+        "pending_size",
+        "plan",
+        "pool",
+        "query",
+        "replay",
+        "request_done",
+        "request_id",
+        "response_chunked",
+        "response_started",
+        "retried_stale",
+        "set_cookie",
+        "started_at",
+        "state",
+        "status",
+        "target",
+        "upgrade",
+        "url",
+    )
+
+    def __init__(
+        self,
+        client: ClientConnection,
+        method: bytes,
+        url: bytes,
+        headers: list[tuple[bytes, bytes, bytes]],
+        http11: bool,
+        keep_alive: bool,
+        upgrade: bool,
+    ) -> None:
+        self.client = client
+        self.method = method
+        self.url = url
+        self.headers = headers
+        self.http11 = http11
+        self.keep_alive = keep_alive
+        self.upgrade = upgrade
+        self.started_at = time.monotonic()
+        self.state: GatewayState = client.gateway.state
+        self.body_kind = NO_BODY
+        self.content_length = 0
+        self.request_id = ""
+        self.path = ""
+        self.query = b""
+        self.host: bytes | None = None
+        self.plan: RoutePlan | None = None
+        self.branch: Branch | None = None
+        self.target: TargetState | None = None
+        self.pool: TargetPool | None = None
+        self.conn: UpstreamConnection | None = None
+        self.head_bytes = b""
+        self.pending: list[bytes] = []
+        self.pending_size = 0
+        self.replay: list[bytes] | None = []
+        self.request_done = False
+        self.response_started = False
+        self.response_chunked = False
+        self.finished = False
+        self.retried_stale = False
+        self.failed_targets: tuple[TargetState, ...] = ()
+        self.status = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.decision = ""
+        self.error = ""
+        self.set_cookie: tuple[bytes, bytes] | None = None
+
+    # -- the request ------------------------------------------------------------
+
+    def start(self) -> None:
+        """Route the request and begin sending it upstream."""
+        head = self._build_upstream_head()
+        if head is None:
+            return
+        self.head_bytes = head
+        self._send_to_target()
+
+    def _build_upstream_head(self) -> bytes | None:
+        client = self.client
+        request_id = None
+        forwarded_for = forwarded_proto = forwarded_host = None
+        hosts = 0
+        connection_tokens: set[bytes] | None = None
+        upgrade_value = b""
+        kept: list[tuple[bytes, bytes, bytes]] = []
+
+        for entry in self.headers:
+            lname = entry[0]
+            if lname in hdr.HOP_BY_HOP:
+                if lname == b"content-length":
+                    self.body_kind = LENGTH
+                    self.content_length = int(entry[2])
+                elif lname == b"transfer-encoding":
+                    self.body_kind = CHUNKED
+                elif lname == b"connection":
+                    if connection_tokens is None:
+                        connection_tokens = set()
+                    for token in entry[2].lower().split(b","):
+                        connection_tokens.add(token.strip())
+                elif lname == b"upgrade":
+                    upgrade_value = entry[2]
+                continue
+            if lname == b"host":
+                hosts += 1
+                self.host = entry[2]
+            elif lname == b"x-forwarded-for":
+                forwarded_for = entry[2] if forwarded_for is None else (
+                    forwarded_for + b", " + entry[2]
+                )
+                continue
+            elif lname == b"x-forwarded-proto":
+                forwarded_proto = entry[2]
+                continue
+            elif lname == b"x-forwarded-host":
+                forwarded_host = entry[2]
+                continue
+            elif lname == b"x-request-id":
+                request_id = entry[2]
+                continue
+            elif lname.startswith(b"proxy-"):
+                continue
+            kept.append(entry)
+
+        if request_id is not None and hdr.valid_request_id(request_id):
+            self.request_id = request_id.decode("ascii")
+        else:
+            self.request_id = hdr.new_request_id()
+
+        if hosts != 1 and (self.http11 or hosts > 1):
+            problem = "missing Host header" if hosts == 0 else "more than one Host header"
+            self.reject(400, "bad_request", problem)
+            return None
+        if self.method == b"CONNECT":
+            self.reject(405, "method_not_allowed", "CONNECT is not proxied")
+            return None
+        if not self._split_target():
+            return None
+
+        plan = self.state.router.match(
+            self.method.decode("latin-1"),
+            self.path,
+            self.host.decode("latin-1") if self.host is not None else None,
+            self._header_text,
+        )
+        self.plan = self.state.plan_for(plan)
+        self.branch = self._choose_branch(self.plan)
+        path = self.path
+        entry = self.branch.entry
+        if entry.rewrite is not None:
+            path = entry.rewrite.apply(path)
+
+        peer = client.peer_host
+        trusted = client.trusted
+        if trusted and forwarded_for is not None:
+            forwarded_for = forwarded_for + b", " + peer.encode("latin-1")
+        else:
+            forwarded_for = peer.encode("latin-1")
+            forwarded_proto = forwarded_host = None
+        if forwarded_proto is None:
+            forwarded_proto = client.scheme
+        if forwarded_host is None and self.host is not None:
+            forwarded_host = self.host
+
+        target = path.encode("latin-1")
+        if self.query:
+            target += b"?" + self.query
+        parts = [self.method, b" ", target, b" HTTP/1.1\r\n"]
+        for lname, name, value in kept:
+            if connection_tokens is not None and lname in connection_tokens:
+                continue
+            parts += (name, b": ", value, _CRLF)
+        parts += (b"X-Forwarded-For: ", forwarded_for, _CRLF)
+        parts += (b"X-Forwarded-Proto: ", forwarded_proto, _CRLF)
+        if forwarded_host is not None:
+            parts += (b"X-Forwarded-Host: ", forwarded_host, _CRLF)
+        parts += (b"X-Request-Id: ", self.request_id.encode("ascii"), _CRLF)
+        if self.body_kind == LENGTH:
+            parts.append(b"Content-Length: %d\r\n" % self.content_length)
+        elif self.body_kind == CHUNKED:
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        if self.upgrade and upgrade_value:
+            parts += (b"Connection: Upgrade\r\nUpgrade: ", upgrade_value, _CRLF)
+        parts.append(_CRLF)
+        return b"".join(parts)
+
+    def _split_target(self) -> bool:
+        """Separate path and query; an absolute-form target keeps only its path."""
+        url = self.url
+        if url[:1] != b"/":
+            if url == b"*" and self.method == b"OPTIONS":
+                self.path = "*"
+                return True
+            try:
+                parsed = httptools.parse_url(url)
+            except httptools.HttpParserInvalidURLError:
+                parsed = None
+            if parsed is None or not parsed.path or parsed.path[:1] != b"/":
+                self.reject(400, "bad_request", "request target must be a path")
+                return False
+            url = parsed.path + (b"?" + parsed.query if parsed.query else b"")
+        path, _, query = url.partition(b"?")
+        path = path.partition(b"#")[0]
+        self.path = path.decode("latin-1")
+        self.query = query.partition(b"#")[0]
+        return True
+
+    def _header_text(self, name: str) -> str | None:
+        found = self.header_value(name.encode("latin-1"))
+        return found.decode("latin-1") if found is not None else None
+
+    def header_value(self, lname: bytes) -> bytes | None:
+        """The first value of a request header, by lower-case name."""
+        for entry in self.headers:
+            if entry[0] == lname:
+                return entry[2]
+        return None
+
+    def _choose_branch(self, plan: RoutePlan) -> Branch:
+        branches = plan.branches
+        if len(branches) == 1:
+            return branches[0]
+        if plan.override_header is not None:
+            forced = self.header_value(plan.override_header)
+            if forced is not None:
+                index = plan.by_upstream.get(forced.decode("latin-1").strip())
+                if index is not None:
+                    self.decision = "override"
+                    return branches[index]
+        splitter = plan.splitter
+        assert splitter is not None
+        sticky = plan.sticky
+        if sticky is not None:
+            key = sticky_key(sticky, self.header_value, self.client.peer_host)
+            if key is None and sticky.by == "cookie":
+                key = new_cookie_key()
+                self.set_cookie = set_cookie_header(sticky, key)
+            if key is not None:
+                self.decision = "sticky"
+                return branches[splitter.pick_sticky(key)]
+        self.decision = "random"
+        return branches[splitter.pick_random()]
+
+    def _send_to_target(self) -> None:
+        branch = self.branch
+        assert branch is not None
+        try:
+            self.target, self.pool = branch.upstream.pick(
+                self.client.peer_host, self.failed_targets
+            )
+        except UpstreamError as exc:
+            self.upstream_failed(exc, False)
+            return
+        self.target.active += 1
+        self.pool.acquire(self, branch.connect_timeout)
+
+    def request_body(self, data: bytes) -> None:
+        """A piece of the client's body (already de-chunked by the parser)."""
+        self.bytes_in += len(data)
+        if self.finished:
+            return
+        replay = self.replay
+        if replay is not None:
+            if self.bytes_in <= REPLAY_LIMIT:
+                replay.append(data)
+            else:
+                self.replay = None
+        conn = self.conn
+        if conn is None:
+            self.pending.append(data)
+            self.pending_size += len(data)
+            if self.pending_size > PENDING_PAUSE:
+                self.client.pause_reading(self.client.PAUSE_BUFFER)
+            return
+        if self.body_kind == CHUNKED:
+            conn.transport.writeSequence((b"%x\r\n" % len(data), data, _CRLF))
+        else:
+            conn.transport.write(data)
+
+    def request_complete(self) -> None:
+        """The client's request, body included, has been read entirely."""
+        self.request_done = True
+        if self.finished:
+            self.client.exchange_done(self)
+            return
+        if self.body_kind == CHUNKED:
+            if self.conn is None:
+                self.pending.append(_LAST_CHUNK)
+            else:
+                self.conn.transport.write(_LAST_CHUNK)
+
+    # -- driven by the upstream connection ---------------------------------------
+
+    def attach(self, conn: UpstreamConnection) -> None:
+        """A connection is ready: send the head and whatever body has arrived."""
+        if self.finished:
+            assert self.pool is not None
+            self.pool.release(conn)
+            return
+        self.conn = conn
+        data = self.head_bytes
+        pending = self.pending
+        if pending:
+            if self.body_kind == CHUNKED:
+                framed = []
+                for piece in pending:
+                    if piece is _LAST_CHUNK:
+                        framed.append(piece)
+                    else:
+                        framed += (b"%x\r\n" % len(piece), piece, _CRLF)
+                pending = framed
+            data = b"".join([data, *pending])
+            self.pending = []
+            self.pending_size = 0
+            self.client.resume_reading(self.client.PAUSE_BUFFER)
+        assert self.branch is not None
+        conn.send(self, data, self.branch.timeout, self.method == b"HEAD")
+        if not self.request_done:
+            conn.transport.registerProducer(self.client, True)
+
+    def informational(self, status: int, reason: bytes, headers: hdr.Headers) -> None:
+        """Relay `100 Continue` and friends to an HTTP/1.1 client."""
+        if self.http11 and not self.finished:
+            head = [b"HTTP/1.1 %d " % status, reason, _CRLF]
+            head += hdr.serialize(hdr.end_to_end(headers))
+            head.append(_CRLF)
+            self.client.transport.write(b"".join(head))
+
+    def response_head(self, status: int, reason: bytes, headers: hdr.Headers) -> None:
+        """Write the client's status line and headers, choosing the framing."""
+        if self.finished:
+            return
+        self.status = status
+        self.response_started = True
+        no_body = (
+            self.method == b"HEAD" or status in _NO_BODY_STATUS or status == 101
+        )
+        upstream_length = None
+        upstream_chunked = False
+        parts = [b"HTTP/1.1 %d " % status, reason, _CRLF]
+        pass_through = _PASS_ON_101 if status == 101 else ()
+        drop = hdr.connection_tokens(headers) if status != 101 else set()
+        for name, value in headers:
+            lname = name.lower()
+            if lname in hdr.HOP_BY_HOP and lname not in pass_through:
+                if lname == b"content-length":
+                    upstream_length = value
+                elif lname == b"transfer-encoding":
+                    upstream_chunked = True
+                continue
+            if lname in drop or lname in _DROP_FROM_RESPONSE:
+                continue
+            parts += (name, b": ", value, _CRLF)
+        if no_body:
+            if upstream_length is not None and status != 101:
+                parts += (b"Content-Length: ", upstream_length, _CRLF)
+        elif upstream_length is not None and not upstream_chunked:
+            parts += (b"Content-Length: ", upstream_length, _CRLF)
+        elif self.http11:
+            self.response_chunked = True
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        else:
+            self.keep_alive = False
+        if (self.upgrade and status != 101) or self.client.gateway.draining:
+            self.keep_alive = False
+        if status != 101:
+            if not self.keep_alive:
+                parts.append(b"Connection: close\r\n")
+            elif not self.http11:
+                parts.append(b"Connection: keep-alive\r\n")
+        parts += (b"X-Request-Id: ", self.request_id.encode("ascii"), _CRLF)
+        if self.state.rules.expose_decision:
+            assert self.plan is not None and self.branch is not None
+            parts += (b"X-Strangler-Route: ", self.plan.name.encode(), _CRLF)
+            parts += (b"X-Strangler-Upstream: ", self.branch.entry.to.encode(), _CRLF)
+        if self.set_cookie is not None:
+            parts += (self.set_cookie[0], b": ", self.set_cookie[1], _CRLF)
+        parts.append(_CRLF)
+        transport = self.client.transport
+        transport.write(b"".join(parts))
+        if not no_body and self.conn is not None:
+            transport.registerProducer(self.conn, True)
+
+    def response_body(self, data: bytes) -> None:
+        if self.finished:
+            return
+        self.bytes_out += len(data)
+        if self.response_chunked:
+            self.client.transport.writeSequence((b"%x\r\n" % len(data), data, _CRLF))
+        else:
+            self.client.transport.write(data)
+
+    def response_complete(self) -> None:
+        if self.finished:
+            return
+        if self.response_chunked:
+            self.client.transport.write(_LAST_CHUNK)
+        self._release_upstream()
+        self._finish()
+
+    def upstream_failed(self, error: UpstreamError, retryable: bool) -> None:
+        """The upstream could not finish; retry, answer 502/504, or cut the client."""
+        if self.finished:
+            return
+        conn, self.conn = self.conn, None
+        if conn is not None and conn.transport.producer is self.client:
+            conn.transport.unregisterProducer()
+        failed_target = self.target
+        self._release_target()
+        if retryable and not self.response_started and self._can_replay():
+            assert self.branch is not None
+            if isinstance(error, UpstreamConnectError) and failed_target is not None:
+                self.failed_targets = (*self.failed_targets, failed_target)
+                if len(self.failed_targets) < len(self.branch.upstream.states):
+                    self._send_to_target()
+                    return
+            elif not self.retried_stale:
+                self.retried_stale = True
+                self._send_to_target()
+                return
+        self.error = error.reason
+        if self.response_started:
+            self.keep_alive = False
+            self._finish()
+            return
+        self.status = error.status
+        message = str(error) or error.reason
+        if not self.request_done:
+            self.keep_alive = False
+        self.client.transport.write(
+            error_response(
+                error.status,
+                error.reason,
+                message,
+                self.request_id,
+                close=not self.keep_alive,
+            )
+        )
+        self._finish()
+
+    def upgraded(self, conn: UpstreamConnection, extra: bytes) -> None:
+        """The upstream switched protocols: from now on bytes flow both ways as is."""
+        self._release_target()
+        self.client.start_tunnel(conn, extra)
+        self._record()
+
+    # -- the end --------------------------------------------------------------
+
+    def reject(self, status: int, error: str, message: str) -> None:
+        """Answer the client directly, without contacting any upstream."""
+        self.status = status
+        self.error = error
+        self.keep_alive = False
+        if not self.request_id:
+            self.request_id = hdr.new_request_id()
+        self.client.transport.write(
+            error_response(status, error, message, self.request_id, close=True)
+        )
+        self._finish()
+
+    def client_lost(self) -> None:
+        """The client went away: abandon the upstream side of an unfinished exchange."""
+        if self.finished:
+            return
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.abort()
+        self._release_target()
+        if not self.status or not self.response_started:
+            self.status = 499
+        self.error = self.error or "client_closed"
+        self.finished = True
+        self._record()
+
+    def _can_replay(self) -> bool:
+        return self.request_done and self.replay is not None or self.body_kind == NO_BODY
+
+    def _release_upstream(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            transport = self.client.transport
+            if transport.producer is conn:
+                transport.unregisterProducer()
+            if conn.transport.producer is self.client:
+                conn.transport.unregisterProducer()
+        self._release_target()
+
+    def _release_target(self) -> None:
+        target = self.target
+        if target is not None:
+            target.active -= 1
+            self.target = None
+
+    def _finish(self) -> None:
+        self.finished = True
+        self._record()
+        if not self.request_done:
+            self.keep_alive = False
+        self.client.exchange_done(self)
+
+    def _record(self) -> None:
+        log = self.client.gateway.access_log
+        if log is None:
+            return
+        plan = self.plan
+        branch = self.branch
+        pool = self.pool
+        log(
+            {
+                "event": "request",
+                "request_id": self.request_id,
+                "method": self.method.decode("latin-1"),
+                "path": self.path,
+                "route": plan.name if plan is not None else None,
+                "upstream": branch.entry.to if branch is not None else None,
+                "target": pool.state.target.authority if pool is not None else None,
+                "split": self.decision or None,
+                "status": self.status,
+                "duration_ms": round((time.monotonic() - self.started_at) * 1000, 3),
+                "bytes_in": self.bytes_in,
+                "bytes_out": self.bytes_out,
+                "client": self.client.peer_host,
+                "error": self.error or None,
+            }
+        )
+

@@ -1,0 +1,295 @@
+"""Connections to upstream targets: one HTTP/1.1 exchange at a time, pooled.
+
+An `UpstreamConnection` parses responses with llhttp (httptools) and hands
+each piece to the exchange that currently owns it. A `TargetPool` keeps idle
+keep-alive connections per target so a request normally costs no connect.
+No Deferreds on this path: the pool calls the exchange back directly, which
+saves an allocation and a callback chain per request.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol as TypingProtocol
+
+import httptools
+from twisted.internet import protocol
+from twisted.internet.interfaces import IReactorTCP, IReactorTime
+from twisted.python.failure import Failure
+
+from strangler.errors import (
+    UpstreamClosed,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
+
+if TYPE_CHECKING:
+    from strangler.balancing import TargetState
+
+MAX_IDLE_PER_TARGET = 256
+
+
+class UpstreamUser(TypingProtocol):
+    """What an exchange must offer to drive an upstream connection."""
+
+    def attach(self, conn: UpstreamConnection) -> None: ...
+    def upstream_failed(self, error: UpstreamError, retryable: bool) -> None: ...
+    def response_head(
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> None: ...
+    def informational(
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> None: ...
+    def response_body(self, data: bytes) -> None: ...
+    def response_complete(self) -> None: ...
+    def upgraded(self, conn: UpstreamConnection, extra: bytes) -> None: ...
+
+
+class _SkipBody(Exception):
+    """Raised inside the parser to stop it after the head of a HEAD response."""
+
+
+class UpstreamConnection(protocol.Protocol):
+    """One keep-alive connection to one target."""
+
+    def __init__(self, pool: TargetPool) -> None:
+        self.pool = pool
+        self.user: UpstreamUser | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.reused = False
+        self.response_started = False
+        self.expect_no_body = False
+        self.tunnel = False
+        self._reason = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._timer: Any = None
+        self._stopped_for_head = False
+        self.connecting: _Connecting | None = None
+
+    # -- driven by the exchange -------------------------------------------
+
+    def send(self, user: UpstreamUser, data: bytes, timeout: float, head: bool) -> None:
+        """Start one exchange: write the request head (and any body so far)."""
+        self.user = user
+        self.response_started = False
+        self.expect_no_body = head
+        self.transport.write(data)
+        self._timer = self.pool.reactor.callLater(timeout, self._timed_out)
+
+    def abort(self) -> None:
+        """Drop the connection at once; it is never reused after this."""
+        self.user = None
+        self._cancel_timer()
+        self.transport.abortConnection()
+
+    # -- Twisted protocol ---------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.transport.setTcpNoDelay(True)
+        self.pool.open_connections += 1
+        connecting, self.connecting = self.connecting, None
+        if connecting is not None:
+            connecting.connected(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.tunnel:
+            user = self.user
+            if user is not None:
+                user.tunnel_data(data)  # type: ignore[attr-defined]
+            return
+        if self.user is None:
+            # Bytes nobody asked for: the connection is out of step; drop it.
+            self.transport.abortConnection()
+            return
+        self.response_started = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            offset = upgrade.args[0]
+            self._start_tunnel(data[offset:])
+        except httptools.HttpParserCallbackError:
+            if self._stopped_for_head:
+                self._stopped_for_head = False
+                self.parser = httptools.HttpResponseParser(self)
+                return
+            raise
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamProtocolError(f"invalid response from upstream: {exc}"))
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self._cancel_timer()
+        self.pool.forget(self)
+        user, self.user = self.user, None
+        if user is None:
+            return
+        if self.tunnel:
+            user.tunnel_closed()  # type: ignore[attr-defined]
+            return
+        retryable = self.reused and not self.response_started
+        user.upstream_failed(
+            UpstreamClosed("upstream closed the connection before answering")
+            if not self.response_started
+            else UpstreamClosed("upstream closed the connection mid-response"),
+            retryable,
+        )
+
+    # -- httptools callbacks --------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._reason = b""
+        self._headers = []
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        user = self.user
+        if user is None:
+            return
+        if 100 <= status < 200 and status != 101:
+            user.informational(status, self._reason, self._headers)
+            return
+        self._cancel_timer()
+        user.response_head(status, self._reason, self._headers)
+        if self.expect_no_body and status != 101:
+            self._stopped_for_head = True
+            self._finish(self.parser.should_keep_alive())
+            raise _SkipBody()
+
+    def on_body(self, body: bytes) -> None:
+        user = self.user
+        if user is not None:
+            user.response_body(body)
+
+    def on_message_complete(self) -> None:
+        if self.parser.get_status_code() < 200:
+            return
+        self._finish(self.parser.should_keep_alive())
+
+    # -- internals ------------------------------------------------------------
+
+    def _finish(self, keep_alive: bool) -> None:
+        user, self.user = self.user, None
+        if keep_alive:
+            self.pool.release(self)
+        else:
+            self.transport.loseConnection()
+        if user is not None:
+            user.response_complete()
+
+    def _start_tunnel(self, extra: bytes) -> None:
+        self.tunnel = True
+        self._cancel_timer()
+        if self.user is not None:
+            self.user.upgraded(self, extra)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        self._fail(UpstreamTimeout("upstream did not answer in time"))
+
+    def _fail(self, error: UpstreamError) -> None:
+        user, self.user = self.user, None
+        self._cancel_timer()
+        self.transport.abortConnection()
+        if user is not None:
+            user.upstream_failed(error, False)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+
+
+class _Connecting(protocol.ClientFactory):
+    """One connection attempt on behalf of one waiting exchange."""
+
+    noisy = False
+
+    def __init__(self, pool: TargetPool, user: UpstreamUser) -> None:
+        self.pool = pool
+        self.user: UpstreamUser | None = user
+
+    def buildProtocol(self, addr: Any) -> UpstreamConnection:
+        conn = UpstreamConnection(self.pool)
+        conn.connecting = self
+        return conn
+
+    def connected(self, conn: UpstreamConnection) -> None:
+        user, self.user = self.user, None
+        if user is None:
+            self.pool.release(conn)
+        else:
+            user.attach(conn)
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        user, self.user = self.user, None
+        if user is not None:
+            message = reason.getErrorMessage()
+            user.upstream_failed(UpstreamConnectError(message), True)
+
+
+class TargetPool:
+    """Idle keep-alive connections to one target, and new ones when none is idle."""
+
+    def __init__(
+        self,
+        state: TargetState,
+        reactor: IReactorTCP | IReactorTime | Any,
+        tls_options: Any = None,
+    ) -> None:
+        self.state = state
+        self.reactor = reactor
+        self.tls_options = tls_options
+        self.idle: list[UpstreamConnection] = []
+        self.open_connections = 0
+
+    def acquire(self, user: UpstreamUser, connect_timeout: float) -> None:
+        """Give `user` a connection now if one is idle, or when a connect succeeds."""
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if conn.transport is not None and conn.transport.connected:
+                conn.reused = True
+                user.attach(conn)
+                return
+        self.connect(user, connect_timeout)
+
+    def connect(self, user: UpstreamUser, connect_timeout: float) -> None:
+        """Open a fresh connection for `user` (used for retries of stale reuse)."""
+        factory = _Connecting(self, user)
+        target = self.state.target
+        if self.tls_options is not None:
+            self.reactor.connectSSL(
+                target.host, target.port, factory, self.tls_options, connect_timeout
+            )
+        else:
+            self.reactor.connectTCP(target.host, target.port, factory, connect_timeout)
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """Take back a connection whose exchange ended cleanly."""
+        conn.user = None
+        if len(self.idle) >= MAX_IDLE_PER_TARGET or conn.transport is None:
+            conn.transport.loseConnection()
+            return
+        self.idle.append(conn)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        """A connection closed: make sure it is never handed out again."""
+        if conn.connecting is None:
+            self.open_connections -= 1
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            pass
+
+    def close_idle(self) -> None:
+        """Close every idle connection (on shutdown or when a target is removed)."""
+        idle, self.idle = self.idle, []
+        for conn in idle:
+            conn.transport.loseConnection()

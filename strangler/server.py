@@ -1,0 +1,185 @@
+"""Running a gateway: listen, reload on change, drain on shutdown.
+
+`GatewayServer` owns one `Gateway` and its listening port. It is given the
+reactor and a rule loader, so tests start it on port 0 inside the test's
+reactor and the CLI starts it on the global one. Reloads are atomic: a new
+state is built from a file that validated, or nothing changes at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import structlog
+from twisted.internet import defer
+from twisted.internet.task import LoopingCall, deferLater
+
+from strangler.errors import ConfigError
+from strangler.gateway import Gateway
+from strangler.logs import AccessLog, open_access_log
+from strangler.model import Address, Rules
+from strangler.proxy.downstream import GatewayFactory
+
+log = structlog.get_logger("strangler")
+
+WATCH_INTERVAL = 1.0
+
+
+@dataclass
+class ReloadResult:
+    """What the last reload attempt did, for the log and the admin API."""
+
+    ok: bool
+    at: float
+    errors: list[str]
+    source: str
+
+
+def listen_tcp(reactor: Any, address: Address, factory: Any, backlog: int = 1024) -> Any:
+    """Listen on `address`, IPv4 or IPv6."""
+    return reactor.listenTCP(address.port, factory, backlog=backlog, interface=address.host)
+
+
+class GatewayServer:
+    """A gateway bound to a port, with live reload and graceful drain."""
+
+    def __init__(
+        self,
+        rules: Rules,
+        reactor: Any,
+        loader: Callable[[Path], Rules],
+        access_log: AccessLog | None = None,
+        listen_override: Address | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.loader = loader
+        self.listen_override = listen_override
+        if listen_override is not None:
+            rules = replace(rules, listen=listen_override)
+        if access_log is None and rules.access_log.enabled:
+            access_log = open_access_log(rules.access_log.path, reactor)
+        self.access_log = access_log
+        self.gateway = Gateway(rules, reactor, access_log=access_log)
+        self.port: Any = None
+        self.last_reload = ReloadResult(True, reactor.seconds(), [], str(rules.source))
+        self._fingerprint = _fingerprint(rules.source)
+        self._watcher: LoopingCall | None = None
+        self._stopping: defer.Deferred[None] | None = None
+
+    @property
+    def rules(self) -> Rules:
+        return self.gateway.rules
+
+    def start(self) -> Address:
+        """Start listening; returns the bound address (useful with port 0)."""
+        factory = GatewayFactory(self.gateway)
+        self.port = listen_tcp(self.reactor, self.rules.listen, factory)
+        bound = self.port.getHost()
+        log.info("listening", address=f"{bound.host}:{bound.port}")
+        return Address(bound.host, bound.port)
+
+    def watch(self, interval: float = WATCH_INTERVAL) -> None:
+        """Poll the rule file for changes and reload when its content changes."""
+        self._watcher = LoopingCall(self._check_file)
+        self._watcher.clock = self.reactor
+        self._watcher.start(interval, now=False)
+
+    def install_signal_handlers(self) -> None:
+        """SIGHUP reloads; SIGTERM and SIGINT drain and stop the reactor."""
+
+        def on_hup(_signum: int, _frame: Any) -> None:
+            self.reactor.callFromThread(self.reload)
+
+        def on_term(_signum: int, _frame: Any) -> None:
+            self.reactor.callFromThread(self._drain_and_stop)
+
+        signal.signal(signal.SIGHUP, on_hup)
+        signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGINT, on_term)
+
+    def reload(self) -> ReloadResult:
+        """Load the rule file again; keep the current rules if it is not valid."""
+        source = self.rules.source
+        self._fingerprint = _fingerprint(source)
+        try:
+            rules = self.loader(source)
+        except ConfigError as exc:
+            errors = [str(problem) for problem in exc.problems]
+            self.last_reload = ReloadResult(False, self.reactor.seconds(), errors, str(source))
+            log.error("reload_refused", source=str(source), errors=errors)
+            return self.last_reload
+        except OSError as exc:
+            errors = [f"{source}: cannot read rule file: {exc.strerror}"]
+            self.last_reload = ReloadResult(False, self.reactor.seconds(), errors, str(source))
+            log.error("reload_refused", source=str(source), errors=errors)
+            return self.last_reload
+        if self.listen_override is not None:
+            rules = replace(rules, listen=self.listen_override)
+        if rules.listen != self.rules.listen:
+            log.warning(
+                "listen_change_ignored",
+                current=str(self.rules.listen),
+                requested=str(rules.listen),
+                hint="restart the gateway to change the listening address",
+            )
+            rules = replace(rules, listen=self.rules.listen)
+        self.gateway.apply(rules)
+        self.last_reload = ReloadResult(True, self.reactor.seconds(), [], str(source))
+        log.info("reloaded", source=str(source), routes=len(rules.routes))
+        return self.last_reload
+
+    def _check_file(self) -> None:
+        current = _fingerprint(self.rules.source)
+        if current != self._fingerprint:
+            self.reload()
+
+    def stop(self, drain_timeout: float | None = None) -> defer.Deferred[None]:
+        """Stop accepting, let requests in flight finish (bounded), then close."""
+        if self._stopping is not None:
+            return self._stopping
+        if self._watcher is not None and self._watcher.running:
+            self._watcher.stop()
+        timeout = self.rules.drain_timeout if drain_timeout is None else drain_timeout
+        self._stopping = defer.ensureDeferred(self._drain(timeout))
+        return self._stopping
+
+    async def _drain(self, timeout: float) -> None:
+        self.gateway.draining = True
+        if self.port is not None:
+            await self.port.stopListening()
+        connections = self.gateway.connections
+        for conn in list(connections):
+            if conn.current is None and conn.incoming is None:
+                conn.transport.loseConnection()
+        deadline = self.reactor.seconds() + timeout
+        while any(c.current is not None for c in connections):
+            if self.reactor.seconds() >= deadline:
+                log.warning("drain_timeout", open_requests=len(connections))
+                break
+            await _sleep(self.reactor, 0.05)
+        for conn in list(connections):
+            conn.transport.loseConnection()
+        self.gateway.close()
+        if self.access_log is not None:
+            self.access_log.close()
+
+    def _drain_and_stop(self) -> None:
+        log.info("draining", timeout=self.rules.drain_timeout)
+        done = self.stop()
+        done.addBoth(lambda _: self.reactor.stop())
+
+
+def _sleep(reactor: Any, seconds: float) -> defer.Deferred[None]:
+    return deferLater(reactor, seconds, lambda: None)
+
+
+def _fingerprint(path: Path) -> bytes | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).digest()
+    except OSError:
+        return None

@@ -1,0 +1,492 @@
+"""The transparent gateway end to end: real backends, real gateway, real clients."""
+
+from __future__ import annotations
+
+import json
+
+import pytest_twisted
+from twisted.internet import protocol, reactor
+
+from support import header_values, raw_exchange, status_of
+
+ensure = pytest_twisted.ensureDeferred
+
+
+def two_upstreams(mono: str, users: str, extra: str = "", routes: str = "") -> str:
+    return f"""
+listen: 127.0.0.1:0
+{extra}
+upstreams:
+  monolith:
+    targets: [{mono}]
+  users:
+    targets: [{users}]
+default: monolith
+routes:
+  - name: users-v2
+    match: {{path: /api/v2/users}}
+    to: users
+{routes}
+"""
+
+
+def seen_headers(body: dict) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for name, value in body["headers"]:
+        out.setdefault(name.lower(), []).append(value)
+    return out
+
+
+@ensure
+async def test_unmatched_request_reaches_default_unchanged(backends, gateway, client):
+    mono, users = backends("monolith"), backends("users")
+    gw = gateway(two_upstreams(mono.url, users.url))
+
+    response = await client.post(
+        gw.url + "/legacy/orders/7?sort=desc&x=%20y",
+        data=b"payload-bytes",
+        headers={"X-Custom": ["one", "two"], "Content-Type": ["text/plain"]},
+    )
+    body = json.loads(await response.content())
+
+    assert response.code == 200
+    assert body["served_by"] == "monolith"
+    assert body["method"] == "POST"
+    assert body["uri"] == "/legacy/orders/7?sort=desc&x=%20y"
+    assert body["body"] == "payload-bytes"
+    headers = seen_headers(body)
+    assert headers["x-custom"] == ["one", "two"]
+    assert headers["content-type"] == ["text/plain"]
+    assert users.requests == []
+
+
+@ensure
+async def test_route_prefix_matches_at_segment_boundary_only(backends, gateway, client):
+    mono, users = backends("monolith"), backends("users")
+    gw = gateway(two_upstreams(mono.url, users.url))
+
+    served = {}
+    for path in ("/api/v2/users", "/api/v2/users/42", "/api/v2/usersx", "/api/v2"):
+        response = await client.get(gw.url + path)
+        served[path] = json.loads(await response.content())["served_by"]
+
+    assert served == {
+        "/api/v2/users": "users",
+        "/api/v2/users/42": "users",
+        "/api/v2/usersx": "monolith",
+        "/api/v2": "monolith",
+    }
+
+
+@ensure
+async def test_rewrite_keeps_query_and_encoded_path(backends, gateway, client):
+    mono, users = backends("monolith"), backends("users")
+    routes = """
+  - name: v1
+    match: {path: /api/v1/users}
+    to: users
+    rewrite: {prefix: /api/v1/users, to: /api/v2/users}
+  - name: regex
+    match: {path_regex: '^/old/(\\d+)$'}
+    to: users
+    rewrite: {regex: '^/old/(\\d+)$', to: '/new/\\1'}
+"""
+    gw = gateway(two_upstreams(mono.url, users.url, routes=routes))
+
+    first = json.loads(await (await client.get(gw.url + "/api/v1/users/a%2Fb?q=1&q=2")).content())
+    second = json.loads(await (await client.get(gw.url + "/old/15?z")).content())
+
+    assert first["uri"] == "/api/v2/users/a%2Fb?q=1&q=2"
+    assert second["uri"] == "/new/15?z"
+
+
+@ensure
+async def test_hop_by_hop_headers_are_removed_toward_upstream(backends, gateway):
+    mono, users = backends("monolith"), backends("users")
+    gw = gateway(two_upstreams(mono.url, users.url))
+
+    raw = await raw_exchange(
+        gw.port,
+        b"GET /x HTTP/1.1\r\nHost: shop.test\r\n"
+        b"Connection: close, X-Secret-Hop\r\nX-Secret-Hop: 1\r\nKeep-Alive: timeout=5\r\n"
+        b"TE: trailers\r\nProxy-Authorization: Basic abc\r\nProxy-Thing: 1\r\n"
+        b"X-End-To-End: kept\r\n\r\n",
+    )
+
+    assert status_of(raw) == 200
+    headers = seen_headers(mono.requests[0])
+    for dropped in ("x-secret-hop", "keep-alive", "te", "proxy-authorization", "proxy-thing"):
+        assert dropped not in headers
+    assert headers["x-end-to-end"] == ["kept"]
+    assert headers["host"] == ["shop.test"]
+
+
+@ensure
+async def test_client_connection_header_cannot_remove_gateway_headers(backends, gateway):
+    mono, users = backends("monolith"), backends("users")
+    gw = gateway(two_upstreams(mono.url, users.url))
+
+    await raw_exchange(
+        gw.port,
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close, X-Forwarded-For, X-Request-Id, "
+        b"X-Forwarded-Proto\r\n\r\n",
+    )
+
+    headers = seen_headers(mono.requests[0])
+    assert headers["x-forwarded-for"] == ["127.0.0.1"]
+    assert headers["x-forwarded-proto"] == ["http"]
+    assert len(headers["x-request-id"]) == 1
+
+
+@ensure
+async def test_forwarded_headers_from_untrusted_client_are_replaced(backends, gateway, client):
+    mono, users = backends("monolith"), backends("users")
+    gw = gateway(two_upstreams(mono.url, users.url))
+
+    await client.get(
+        gw.url + "/",
+        headers={
+            "X-Forwarded-For": ["6.6.6.6"],
+            "X-Forwarded-Proto": ["https"],
+            "X-Forwarded-Host": ["evil.test"],
+            "Host": ["shop.test"],
+        },
+    )
+
+    headers = seen_headers(mono.requests[0])
+    assert headers["x-forwarded-for"] == ["127.0.0.1"]
+    assert headers["x-forwarded-proto"] == ["http"]
+    assert headers["x-forwarded-host"] == ["shop.test"]
+
+
+@ensure
+async def test_forwarded_headers_from_trusted_proxy_are_extended(backends, gateway, client):
+    mono, users = backends("monolith"), backends("users")
+    gw = gateway(two_upstreams(mono.url, users.url, extra="trusted_proxies: [127.0.0.0/8]"))
+
+    await client.get(
+        gw.url + "/",
+        headers={
+            "X-Forwarded-For": ["203.0.113.9"],
+            "X-Forwarded-Proto": ["https"],
+            "X-Forwarded-Host": ["shop.example"],
+        },
+    )
+
+    headers = seen_headers(mono.requests[0])
+    assert headers["x-forwarded-for"] == ["203.0.113.9, 127.0.0.1"]
+    assert headers["x-forwarded-proto"] == ["https"]
+    assert headers["x-forwarded-host"] == ["shop.example"]
+
+
+@ensure
+async def test_request_id_is_kept_or_made_and_logged(backends, gateway, client):
+    mono, users = backends("monolith"), backends("users")
+    gw = gateway(two_upstreams(mono.url, users.url))
+
+    kept = await client.get(gw.url + "/a", headers={"X-Request-Id": ["abc-123-def-456"]})
+    await kept.content()
+    made = await client.get(gw.url + "/b", headers={"X-Request-Id": ["bad id\twith junk"]})
+    await made.content()
+
+    assert kept.headers.getRawHeaders("X-Request-Id") == ["abc-123-def-456"]
+    new_id = made.headers.getRawHeaders("X-Request-Id")[0]
+    assert new_id != "bad id\twith junk"
+    assert seen_headers(mono.requests[0])["x-request-id"] == ["abc-123-def-456"]
+    assert seen_headers(mono.requests[1])["x-request-id"] == [new_id]
+    logged = {line["path"]: line for line in gw.log_lines()}
+    assert logged["/a"]["request_id"] == "abc-123-def-456"
+    assert logged["/b"]["request_id"] == new_id
+
+
+@ensure
+async def test_access_log_has_one_record_with_decision_fields(backends, gateway, client):
+    mono, users = backends("monolith"), backends("users")
+    gw = gateway(two_upstreams(mono.url, users.url))
+
+    response = await client.post(gw.url + "/api/v2/users/1", data=b"12345")
+    body = await response.content()
+
+    (line,) = gw.log_lines()
+    assert line["event"] == "request"
+    assert line["method"] == "POST"
+    assert line["path"] == "/api/v2/users/1"
+    assert line["route"] == "users-v2"
+    assert line["upstream"] == "users"
+    assert line["target"] == users.url.removeprefix("http://")
+    assert line["status"] == 200
+    assert line["bytes_in"] == 5
+    assert line["bytes_out"] == len(body)
+    assert isinstance(line["duration_ms"], float)
+
+
+@ensure
+async def test_repeated_set_cookie_and_redirect_pass_through(backends, gateway):
+    mono, users = backends("monolith"), backends("users")
+    gw = gateway(two_upstreams(mono.url, users.url))
+
+    cookies = await raw_exchange(
+        gw.port, b"GET /cookies HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    )
+    redirect = await raw_exchange(
+        gw.port, b"GET /redirect HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    )
+
+    assert header_values(cookies, b"set-cookie") == [b"a=1; Path=/", b"b=2; Path=/"]
+    assert status_of(redirect) == 302
+    assert header_values(redirect, b"location") == [b"http://example.test/elsewhere?x=1"]
+
+
+@ensure
+async def test_head_204_and_304_have_no_body_and_keep_connection(backends, gateway):
+    mono, users = backends("monolith"), backends("users")
+    gw = gateway(two_upstreams(mono.url, users.url))
+
+    raw = await raw_exchange(
+        gw.port,
+        b"HEAD /anything HTTP/1.1\r\nHost: a\r\n\r\n"
+        b"GET /status/204 HTTP/1.1\r\nHost: a\r\n\r\n"
+        b"GET /status/304 HTTP/1.1\r\nHost: a\r\n\r\n"
+        b"GET /status/200 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+
+    responses = raw.split(b"HTTP/1.1 ")[1:]
+    assert [r[:3] for r in responses] == [b"200", b"204", b"304", b"200"]
+    head_response = b"HTTP/1.1 " + responses[0]
+    assert int(header_values(head_response, b"content-length")[0]) > 0
+    assert head_response.endswith(b"\r\n\r\n")
+    assert responses[1].endswith(b"\r\n\r\n")
+    assert b'"method":"GET"' in responses[3]
+
+
+@ensure
+async def test_chunked_response_is_relayed_chunked(backends, gateway):
+    mono, users = backends("monolith"), backends("users")
+    gw = gateway(two_upstreams(mono.url, users.url))
+
+    raw = await raw_exchange(
+        gw.port, b"GET /chunked HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    )
+
+    assert header_values(raw, b"transfer-encoding") == [b"chunked"]
+    body = raw.split(b"\r\n\r\n", 1)[1]
+    assert body.endswith(b"0\r\n\r\n")
+    assert b"first," in body and b"second" in body
+
+
+@ensure
+async def test_http10_client_gets_close_delimited_body(backends, gateway):
+    mono, users = backends("monolith"), backends("users")
+    gw = gateway(two_upstreams(mono.url, users.url))
+
+    raw = await raw_exchange(gw.port, b"GET /chunked HTTP/1.0\r\nHost: a\r\n\r\n")
+
+    assert header_values(raw, b"transfer-encoding") == []
+    assert raw.split(b"\r\n\r\n", 1)[1] == b"first,second"
+
+
+@ensure
+async def test_chunked_request_body_reaches_upstream_whole(backends, gateway):
+    mono, users = backends("monolith"), backends("users")
+    gw = gateway(two_upstreams(mono.url, users.url))
+
+    raw = await raw_exchange(
+        gw.port,
+        [
+            b"POST /upload HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n"
+            b"Connection: close\r\n\r\n5\r\nhello\r\n",
+            b"6\r\n world\r\n0\r\n\r\n",
+        ],
+    )
+
+    assert status_of(raw) == 200
+    assert mono.requests[0]["body"] == "hello world"
+
+
+@ensure
+async def test_pipelined_requests_are_answered_in_order(backends, gateway):
+    mono, users = backends("monolith"), backends("users")
+    gw = gateway(two_upstreams(mono.url, users.url))
+
+    raw = await raw_exchange(
+        gw.port,
+        b"GET /slow?ms=150 HTTP/1.1\r\nHost: a\r\n\r\n"
+        b"GET /api/v2/users/1 HTTP/1.1\r\nHost: a\r\n\r\n"
+        b"GET /third HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+
+    order = [piece for piece in (b"/slow?ms=150", b"/api/v2/users/1", b"/third") if piece in raw]
+    positions = [raw.index(piece) for piece in order]
+    assert len(order) == 3
+    assert positions == sorted(positions)
+
+
+@ensure
+async def test_unreachable_upstream_gives_502_json(backends, gateway, client):
+    mono = backends("monolith")
+    dead = backends("dead")
+    dead_url = dead.url
+    await dead.stop()
+    gw = gateway(two_upstreams(mono.url, dead_url))
+
+    response = await client.get(gw.url + "/api/v2/users")
+    body = json.loads(await response.content())
+
+    assert response.code == 502
+    assert body["error"] == "upstream_unreachable"
+    assert body["request_id"] == response.headers.getRawHeaders("X-Request-Id")[0]
+    assert "Traceback" not in json.dumps(body)
+
+
+@ensure
+async def test_slow_upstream_gives_504(backends, gateway, client):
+    mono, users = backends("monolith"), backends("users")
+    routes = """
+  - name: slow
+    match: {path: /slow}
+    to: monolith
+    timeout: 200ms
+"""
+    gw = gateway(two_upstreams(mono.url, users.url, routes=routes))
+
+    response = await client.get(gw.url + "/slow?ms=3000")
+    body = json.loads(await response.content())
+
+    assert response.code == 504
+    assert body["error"] == "upstream_timeout"
+
+
+@ensure
+async def test_malformed_and_smuggling_requests_get_400_and_close(backends, gateway):
+    mono, users = backends("monolith"), backends("users")
+    gw = gateway(two_upstreams(mono.url, users.url))
+
+    cases = [
+        b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+        b"GET / HTTP/1.1\r\nHost : a\r\n\r\n",
+        b"NOT A REQUEST\r\n\r\n",
+        b"GET / HTTP/1.1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        b"GET http://evil.test HTTP/1.1\r\nHost: a\r\n\r\n",
+    ]
+    for payload in cases:
+        raw = await raw_exchange(gw.port, payload)
+        assert status_of(raw) == 400, payload
+        assert b'"error":"bad_request"' in raw
+        assert b"Traceback" not in raw
+    assert mono.requests == []
+
+
+@ensure
+async def test_absolute_form_target_never_changes_destination(backends, gateway):
+    mono, users = backends("monolith"), backends("users")
+    gw = gateway(two_upstreams(mono.url, users.url))
+
+    raw = await raw_exchange(
+        gw.port,
+        b"GET http://evil.test:81/api/v2/users?x=1 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+
+    assert status_of(raw) == 200
+    assert users.requests[0]["uri"] == "/api/v2/users?x=1"
+
+
+@ensure
+async def test_connect_method_is_refused(backends, gateway):
+    mono, users = backends("monolith"), backends("users")
+    gw = gateway(two_upstreams(mono.url, users.url))
+
+    raw = await raw_exchange(gw.port, b"CONNECT evil.test:443 HTTP/1.1\r\nHost: evil.test:443\r\n\r\n")
+
+    assert status_of(raw) == 405
+    assert mono.requests == []
+
+
+@ensure
+async def test_oversized_headers_get_431(backends, gateway):
+    mono, users = backends("monolith"), backends("users")
+    gw = gateway(two_upstreams(mono.url, users.url, extra="limits: {max_header_bytes: 1KiB}"))
+
+    raw = await raw_exchange(
+        gw.port, b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"y" * 4096 + b"\r\n\r\n"
+    )
+
+    assert status_of(raw) == 431
+    assert mono.requests == []
+
+
+class _UpgradeBackend(protocol.Protocol):
+    """Answers an upgrade with 101, then echoes every byte upper-cased."""
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.upgraded = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.upgraded:
+            self.transport.write(data.upper())
+            return
+        self.buffer += data
+        if b"\r\n\r\n" in self.buffer:
+            head, rest = self.buffer.split(b"\r\n\r\n", 1)
+            assert b"upgrade: websocket" in head.lower()
+            self.transport.write(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\n\r\nhello-from-upstream"
+            )
+            self.upgraded = True
+            if rest:
+                self.transport.write(rest.upper())
+
+
+class _TunnelClient(protocol.Protocol):
+    def __init__(self, done):  # type: ignore[no-untyped-def]
+        self.done = done
+        self.received = b""
+        self.sent_frame = False
+
+    def connectionMade(self) -> None:
+        self.transport.write(
+            b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if b"hello-from-upstream" in self.received and not self.sent_frame:
+            self.sent_frame = True
+            self.transport.write(b"ping-from-client")
+        if b"PING-FROM-CLIENT" in self.received:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason=None):  # type: ignore[no-untyped-def]
+        if not self.done.called:
+            self.done.callback(self.received)
+
+
+@ensure
+async def test_websocket_upgrade_becomes_a_two_way_tunnel(backends, gateway):
+    from twisted.internet import defer
+
+    factory = protocol.Factory.forProtocol(_UpgradeBackend)
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    mono = f"http://127.0.0.1:{port.getHost().port}"
+    users = backends("users")
+    gw = gateway(two_upstreams(mono, users.url))
+    done: defer.Deferred[bytes] = defer.Deferred()
+    try:
+        client_factory = protocol.ClientFactory.forProtocol(lambda: _TunnelClient(done))
+        client_factory.protocol = lambda: _TunnelClient(done)  # type: ignore[assignment]
+        reactor.connectTCP("127.0.0.1", gw.port, client_factory)
+        timer = reactor.callLater(5, lambda: done.called or done.callback(b"timeout"))
+        received = await done
+        if timer.active():
+            timer.cancel()
+    finally:
+        await port.stopListening()
+
+    assert received.startswith(b"HTTP/1.1 101 ")
+    assert header_values(received, b"upgrade") == [b"websocket"]
+    assert b"hello-from-upstream" in received
+    assert b"PING-FROM-CLIENT" in received
