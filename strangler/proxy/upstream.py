@@ -66,6 +66,7 @@ class UpstreamConnection(protocol.Protocol):
         self._timer: Any = None
         self._stopped_for_head = False
         self.connecting: _Connecting | None = None
+        self.paused = False
 
     # -- driven by the exchange -------------------------------------------
 
@@ -82,6 +83,21 @@ class UpstreamConnection(protocol.Protocol):
         self.user = None
         self._cancel_timer()
         self.transport.abortConnection()
+
+    # -- producer for the client side: a slow client slows the upstream ---------
+
+    def pauseProducing(self) -> None:
+        if not self.paused:
+            self.paused = True
+            self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if self.paused:
+            self.paused = False
+            self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        """The client went away; the exchange aborts this connection itself."""
 
     # -- Twisted protocol ---------------------------------------------------
 
@@ -274,9 +290,10 @@ class TargetPool:
     def release(self, conn: UpstreamConnection) -> None:
         """Take back a connection whose exchange ended cleanly."""
         conn.user = None
-        if len(self.idle) >= MAX_IDLE_PER_TARGET or conn.transport is None:
+        if len(self.idle) >= MAX_IDLE_PER_TARGET:
             conn.transport.loseConnection()
             return
+        conn.resumeProducing()
         self.idle.append(conn)
 
     def forget(self, conn: UpstreamConnection) -> None:

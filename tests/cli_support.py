@@ -1,0 +1,84 @@
+"""Running the real `strangler` command as a subprocess, the way a user does."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+COMMAND = [sys.executable, "-m", "strangler.cli"]
+START_LIMIT = 20.0
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """Run one short strangler command and capture its output."""
+    return subprocess.run(
+        [*COMMAND, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+class ServeProcess:
+    """`strangler serve RULES` in the background; knows its port once it listens."""
+
+    def __init__(self, rules: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> None:
+        self.process = subprocess.Popen(
+            [*COMMAND, "serve", str(rules), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+        self.events: list[dict[str, Any]] = []
+        self.port = self._wait_for_listening()
+
+    def _wait_for_listening(self) -> int:
+        assert self.process.stdout is not None
+        deadline = time.monotonic() + START_LIMIT
+        while time.monotonic() < deadline:
+            line = self.process.stdout.readline()
+            if not line:
+                break
+            event = json.loads(line)
+            self.events.append(event)
+            if event.get("event") == "listening":
+                return int(event["address"].rsplit(":", 1)[1])
+        self.stop()
+        stderr = self.process.stderr.read().decode() if self.process.stderr else ""
+        raise RuntimeError(f"strangler serve did not start: {stderr}")
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def peak_rss_bytes(self) -> int:
+        """The highest resident memory the process has had (VmHWM)."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("VmHWM not found")
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def stop(self, timeout: float = 15) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(5)
+        for stream in (self.process.stdout, self.process.stderr):
+            if stream is not None:
+                stream.close()
+        return self.process.returncode
