@@ -14,9 +14,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from strangler.balancing import TargetState, make_balancer
+from strangler.metrics import Metrics
 from strangler.model import Route, Rules, SplitEntry, Sticky, Upstream
 from strangler.proxy.upstream import TargetPool
 from strangler.routing import Router
+from strangler.runtime_weights import (
+    RuntimeWeights,
+    WeightError,
+    WeightOverride,
+    resolve_weights,
+)
 from strangler.splitting import Splitter
 
 DEFAULT_ROUTE_NAME = "default"
@@ -30,7 +37,9 @@ class UpstreamRuntime:
         self.name = model.name
         self.states = [TargetState(target) for target in model.targets]
         self.pools = {id(state): _make_pool(state, reactor) for state in self.states}
-        self.balancer = make_balancer(model.balance, self.states, rng=rng)
+        self.balancer = make_balancer(
+            model.balance, self.states, rng=rng, upstream=model.name
+        )
 
     def pick(
         self, client_ip: str | None, exclude: tuple[TargetState, ...] = ()
@@ -74,6 +83,17 @@ class RoutePlan:
     sticky: Sticky | None
     override_header: bytes | None
     by_upstream: dict[str, int] = field(default_factory=dict)
+    weight_source: str = "rules"
+
+    def rule_weights(self) -> dict[str, float]:
+        """The weights the rule file gives this route's split."""
+        return {b.entry.to: b.entry.weight for b in self.branches}
+
+    def effective_weights(self) -> dict[str, float]:
+        """The weights in force now (rule file or runtime)."""
+        if self.splitter is None:
+            return {b.entry.to: 100.0 for b in self.branches}
+        return dict(zip(self.splitter.labels, self.splitter.weights, strict=True))
 
 
 class GatewayState:
@@ -85,9 +105,11 @@ class GatewayState:
         reactor: Any,
         previous: GatewayState | None = None,
         rng: random.Random | None = None,
+        runtime: RuntimeWeights | None = None,
     ) -> None:
         self.rules = rules
         self.rng = rng or random.Random()
+        self.runtime = runtime if runtime is not None else RuntimeWeights()
         self.router = Router(rules.routes)
         self.upstreams = self._bind_upstreams(rules, reactor, previous)
         self.plans = {route.name: self._plan(route) for route in rules.routes}
@@ -141,8 +163,21 @@ class GatewayState:
     def _plan(self, route: Route) -> RoutePlan:
         branches = tuple(self._branch(entry) for entry in route.split)
         splitter = None
+        source = "rules"
         if len(branches) > 1:
             splitter = make_splitter(route.split, self.rng)
+            override = self.runtime.get(route.name)
+            rule_weights = {entry.to: entry.weight for entry in route.split}
+            if override is not None and override.base == rule_weights:
+                splitter = Splitter(
+                    [override.weights[entry.to] for entry in route.split],
+                    labels=[entry.to for entry in route.split],
+                    rng=self.rng,
+                )
+                source = "runtime"
+            elif override is not None:
+                # The rule file changed this split since the runtime change: it wins.
+                self.runtime.clear(route.name)
         return RoutePlan(
             name=route.name,
             route=route,
@@ -155,7 +190,32 @@ class GatewayState:
                 else None
             ),
             by_upstream={b.entry.to: i for i, b in enumerate(branches)},
+            weight_source=source,
         )
+
+    def set_weights(
+        self, route_name: str, requested: dict[str, object], at: float, by: str
+    ) -> dict[str, float]:
+        """Change a route's split at runtime; returns the weights now in force."""
+        plan = self.plans.get(route_name)
+        if plan is None:
+            raise WeightError(f"no route named {route_name!r}")
+        if plan.splitter is None:
+            raise WeightError(f"route {route_name!r} has a single upstream, not a split")
+        base = plan.rule_weights()
+        weights = resolve_weights(route_name, base, requested)
+        plan.splitter = Splitter(
+            [weights[b.entry.to] for b in plan.branches],
+            labels=[b.entry.to for b in plan.branches],
+            rng=self.rng,
+        )
+        if weights == base:
+            self.runtime.clear(route_name)
+            plan.weight_source = "rules"
+        else:
+            self.runtime.set(route_name, WeightOverride(weights, base, at, by))
+            plan.weight_source = "runtime"
+        return weights
 
 
 def make_splitter(entries: tuple[SplitEntry, ...], rng: random.Random) -> Splitter:
@@ -183,11 +243,14 @@ class Gateway:
         reactor: Any,
         access_log: Callable[[dict[str, Any]], None] | None = None,
         rng: random.Random | None = None,
+        runtime: RuntimeWeights | None = None,
     ) -> None:
         self.reactor = reactor
         self.rng = rng or random.Random()
-        self.state = GatewayState(rules, reactor, rng=self.rng)
+        self.runtime = runtime if runtime is not None else RuntimeWeights()
+        self.state = GatewayState(rules, reactor, rng=self.rng, runtime=self.runtime)
         self.access_log = access_log
+        self.metrics = Metrics()
         self.connections: set[Any] = set()
         self.draining = False
 
@@ -198,11 +261,19 @@ class Gateway:
     def apply(self, rules: Rules) -> GatewayState:
         """Switch to new rules; requests already running finish on the old state."""
         old = self.state
-        new = GatewayState(rules, self.reactor, previous=old, rng=self.rng)
+        new = GatewayState(
+            rules, self.reactor, previous=old, rng=self.rng, runtime=self.runtime
+        )
         self.state = new
         for runtime in old.retired_upstreams(new):
             runtime.close()
         return new
+
+    def set_weights(
+        self, route_name: str, requested: dict[str, object], by: str = "admin"
+    ) -> dict[str, float]:
+        """Shift a split now; kept in the state file until the rule file changes it."""
+        return self.state.set_weights(route_name, requested, self.reactor.seconds(), by)
 
     def close(self) -> None:
         for runtime in self.state.upstreams.values():

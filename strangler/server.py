@@ -19,11 +19,12 @@ import structlog
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall, deferLater
 
-from strangler.errors import ConfigError
+from strangler.errors import ConfigError, RuleProblem
 from strangler.gateway import Gateway
 from strangler.logs import AccessLog, open_access_log
 from strangler.model import Address, Rules
 from strangler.proxy.downstream import GatewayFactory
+from strangler.runtime_weights import RuntimeWeights, default_state_path
 
 log = structlog.get_logger("strangler")
 
@@ -55,6 +56,8 @@ class GatewayServer:
         loader: Callable[[Path], Rules],
         access_log: AccessLog | None = None,
         listen_override: Address | None = None,
+        state_path: Path | None = None,
+        admin_override: Address | None = None,
     ) -> None:
         self.reactor = reactor
         self.loader = loader
@@ -64,8 +67,12 @@ class GatewayServer:
         if access_log is None and rules.access_log.enabled:
             access_log = open_access_log(rules.access_log.path, reactor)
         self.access_log = access_log
-        self.gateway = Gateway(rules, reactor, access_log=access_log)
+        self.admin_override = admin_override
+        self.state_path = state_path or default_state_path(rules.source)
+        self.runtime = RuntimeWeights(self.state_path)
+        self.gateway = Gateway(rules, reactor, access_log=access_log, runtime=self.runtime)
         self.port: Any = None
+        self.admin_port: Any = None
         self.last_reload = ReloadResult(True, reactor.seconds(), [], str(rules.source))
         self._fingerprint = _fingerprint(rules.source)
         self._watcher: LoopingCall | None = None
@@ -81,6 +88,30 @@ class GatewayServer:
         self.port = listen_tcp(self.reactor, self.rules.listen, factory)
         bound = self.port.getHost()
         log.info("listening", address=f"{bound.host}:{bound.port}")
+        return Address(bound.host, bound.port)
+
+    def start_admin(self) -> Address | None:
+        """Start the admin API if the rules configure one; returns its address."""
+        admin = self.rules.admin
+        if admin is None:
+            return None
+        address = self.admin_override or admin.listen
+        if admin.token is None and not _is_loopback(address.host):
+            raise ConfigError(
+                [
+                    RuleProblem(
+                        str(self.rules.source),
+                        0,
+                        "admin.token",
+                        f"the admin API on non-loopback {address} needs a token",
+                    )
+                ]
+            )
+        from strangler.admin.api import build_admin_site
+
+        self.admin_port = listen_tcp(self.reactor, address, build_admin_site(self))
+        bound = self.admin_port.getHost()
+        log.info("admin_listening", address=f"{bound.host}:{bound.port}")
         return Address(bound.host, bound.port)
 
     def watch(self, interval: float = WATCH_INTERVAL) -> None:
@@ -109,15 +140,9 @@ class GatewayServer:
         try:
             rules = self.loader(source)
         except ConfigError as exc:
-            errors = [str(problem) for problem in exc.problems]
-            self.last_reload = ReloadResult(False, self.reactor.seconds(), errors, str(source))
-            log.error("reload_refused", source=str(source), errors=errors)
-            return self.last_reload
+            return self._refused([str(problem) for problem in exc.problems])
         except OSError as exc:
-            errors = [f"{source}: cannot read rule file: {exc.strerror}"]
-            self.last_reload = ReloadResult(False, self.reactor.seconds(), errors, str(source))
-            log.error("reload_refused", source=str(source), errors=errors)
-            return self.last_reload
+            return self._refused([f"{source}: cannot read rule file: {exc.strerror}"])
         if self.listen_override is not None:
             rules = replace(rules, listen=self.listen_override)
         if rules.listen != self.rules.listen:
@@ -129,8 +154,16 @@ class GatewayServer:
             )
             rules = replace(rules, listen=self.rules.listen)
         self.gateway.apply(rules)
+        self.gateway.metrics.reloads["ok"] += 1
         self.last_reload = ReloadResult(True, self.reactor.seconds(), [], str(source))
         log.info("reloaded", source=str(source), routes=len(rules.routes))
+        return self.last_reload
+
+    def _refused(self, errors: list[str]) -> ReloadResult:
+        source = str(self.rules.source)
+        self.gateway.metrics.reloads["error"] += 1
+        self.last_reload = ReloadResult(False, self.reactor.seconds(), errors, source)
+        log.error("reload_refused", source=source, errors=errors)
         return self.last_reload
 
     def _check_file(self) -> None:
@@ -150,6 +183,8 @@ class GatewayServer:
 
     async def _drain(self, timeout: float) -> None:
         self.gateway.draining = True
+        if self.admin_port is not None:
+            await self.admin_port.stopListening()
         if self.port is not None:
             await self.port.stopListening()
         connections = self.gateway.connections
@@ -176,6 +211,15 @@ class GatewayServer:
 
 def _sleep(reactor: Any, seconds: float) -> defer.Deferred[None]:
     return deferLater(reactor, seconds, lambda: None)
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _fingerprint(path: Path) -> bytes | None:

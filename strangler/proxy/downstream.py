@@ -111,7 +111,8 @@ class ClientConnection(protocol.Protocol):
             current.client_lost()
         if self.incoming is not None and self.incoming is not current:
             self.incoming.client_lost()
-        self.queue.clear()
+        while self.queue:
+            self.queue.popleft().client_lost()
 
     # -- flow control (this object is also the producer for the upstream side) ---
 

@@ -98,6 +98,7 @@ class Exchange:
         self.upgrade = upgrade
         self.started_at = time.monotonic()
         self.state: GatewayState = client.gateway.state
+        client.gateway.metrics.in_flight += 1
         self.body_kind = NO_BODY
         self.content_length = 0
         self.request_id = ""
@@ -501,6 +502,7 @@ class Exchange:
     def upgraded(self, conn: UpstreamConnection, extra: bytes) -> None:
         """The upstream switched protocols: from now on bytes flow both ways as is."""
         self._release_target()
+        self.finished = True
         self.client.start_tunnel(conn, extra)
         self._record()
 
@@ -559,11 +561,24 @@ class Exchange:
         self.client.exchange_done(self)
 
     def _record(self) -> None:
-        log = self.client.gateway.access_log
-        if log is None:
-            return
+        gateway = self.client.gateway
         plan = self.plan
         branch = self.branch
+        elapsed = time.monotonic() - self.started_at
+        gateway.metrics.in_flight -= 1
+        if plan is not None and branch is not None:
+            gateway.metrics.observe(
+                plan.name,
+                branch.entry.to,
+                self.status,
+                elapsed,
+                self.bytes_in,
+                self.bytes_out,
+                self.status in (502, 504) and bool(self.error),
+            )
+        log = gateway.access_log
+        if log is None:
+            return
         pool = self.pool
         log(
             {
@@ -576,7 +591,7 @@ class Exchange:
                 "target": pool.state.target.authority if pool is not None else None,
                 "split": self.decision or None,
                 "status": self.status,
-                "duration_ms": round((time.monotonic() - self.started_at) * 1000, 3),
+                "duration_ms": round(elapsed * 1000, 3),
                 "bytes_in": self.bytes_in,
                 "bytes_out": self.bytes_out,
                 "client": self.client.peer_host,

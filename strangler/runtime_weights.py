@@ -1,0 +1,129 @@
+"""Split weights changed at runtime, and the small file that keeps them.
+
+A runtime change (`strangler shift`, the admin API, a migration plan) sits
+on top of the rule file. It remembers the rule-file weights it was made
+against: when the rule file later changes that route's weights, the file
+wins and the runtime value is dropped, so an operator editing the file is
+never silently overridden by an old shift.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import structlog
+
+log = structlog.get_logger("strangler.weights")
+
+
+@dataclass(frozen=True)
+class WeightOverride:
+    """Weights set at runtime for one route."""
+
+    weights: dict[str, float]
+    base: dict[str, float]
+    set_at: float
+    by: str = "admin"
+
+
+class WeightError(ValueError):
+    """A requested weight change that cannot be applied; the message says why."""
+
+
+def resolve_weights(
+    route: str, split: dict[str, float], requested: dict[str, object]
+) -> dict[str, float]:
+    """Complete and check a requested change against a route's split.
+
+    Names must be upstreams of the split, each weight a number from 0 to 100
+    with at most two decimals. Unnamed branches take 0, except that when
+    exactly one branch is unnamed it takes what is left, so a two-way split
+    can be shifted by naming one side.
+    """
+    if not requested:
+        raise WeightError("give at least one UPSTREAM=PERCENT")
+    weights: dict[str, float] = {}
+    for name, value in requested.items():
+        if name not in split:
+            known = ", ".join(split)
+            raise WeightError(f"route {route!r} does not split to {name!r} (it has {known})")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise WeightError(f"weight for {name!r} must be a number, got {value!r}")
+        if not 0 <= value <= 100 or round(value * 100) != round(value * 100, 6):
+            raise WeightError(
+                f"weight for {name!r} must be 0..100 in steps of 0.01, got {value!r}"
+            )
+        weights[name] = round(float(value), 2)
+    missing = [name for name in split if name not in weights]
+    given = round(sum(weights.values()), 2)
+    if len(missing) == 1:
+        rest = round(100 - given, 2)
+        if rest < 0:
+            raise WeightError(f"weights sum to {given:g}, more than 100")
+        weights[missing[0]] = rest
+    else:
+        for name in missing:
+            weights[name] = 0.0
+    total = round(sum(weights.values()), 2)
+    if total != 100:
+        raise WeightError(f"weights must sum to 100, got {total:g}")
+    return {name: weights[name] for name in split}
+
+
+class RuntimeWeights:
+    """Runtime overrides by route name, persisted as JSON when given a path."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path
+        self.overrides: dict[str, WeightOverride] = {}
+        if path is not None:
+            self._load(path)
+
+    def get(self, route: str) -> WeightOverride | None:
+        return self.overrides.get(route)
+
+    def set(self, route: str, override: WeightOverride) -> None:
+        self.overrides[route] = override
+        self.save()
+
+    def clear(self, route: str) -> None:
+        if self.overrides.pop(route, None) is not None:
+            self.save()
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        data = {"weights": {name: asdict(o) for name, o in self.overrides.items()}}
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        try:
+            temporary.write_text(json.dumps(data, indent=2, sort_keys=True))
+            os.replace(temporary, self.path)
+        except OSError as exc:
+            log.warning("state_file_not_saved", path=str(self.path), error=exc.strerror)
+
+    def _load(self, path: Path) -> None:
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            log.warning("state_file_ignored", path=str(path), error=str(exc))
+            return
+        for name, raw in (data.get("weights") or {}).items():
+            try:
+                self.overrides[name] = WeightOverride(
+                    weights={k: float(v) for k, v in raw["weights"].items()},
+                    base={k: float(v) for k, v in raw["base"].items()},
+                    set_at=float(raw["set_at"]),
+                    by=str(raw.get("by", "admin")),
+                )
+            except (KeyError, TypeError, ValueError, AttributeError):
+                log.warning("state_file_entry_ignored", path=str(path), route=name)
+
+
+def default_state_path(rules_path: Path) -> Path:
+    """`rules/demo.yaml` keeps its runtime state in `rules/demo.state.json`."""
+    return rules_path.with_name(rules_path.stem + ".state.json")
