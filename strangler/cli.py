@@ -89,8 +89,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server = GatewayServer(rules, reactor, load_rules, listen_override=override)
     try:
         server.start()
+        server.start_admin()
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 1
     except Exception as exc:  # noqa: BLE001 - report any bind failure plainly
-        print(f"cannot listen on {server.rules.listen}: {exc}", file=sys.stderr)
+        print(f"cannot listen: {exc}", file=sys.stderr)
         return 1
     server.watch()
     server.install_signal_handlers()
@@ -135,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--port-offset", type=int, default=0, help="add this to every demo port"
     )
     demo.set_defaults(func=cmd_demo)
+
+    from strangler.admin.client import register_commands
+
+    register_commands(sub)
     return parser
 
 

@@ -67,3 +67,9 @@ class UpstreamClosed(UpstreamError):
     """The upstream closed the connection before the response was complete."""
 
     reason = "upstream_closed"
+
+
+class ResponseTransformError(UpstreamError):
+    """The upstream's response could not be converted for the client."""
+
+    reason = "response_transform_failed"

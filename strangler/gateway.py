@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from strangler.balancing import TargetState, make_balancer
+from strangler.health import HealthChecker
 from strangler.metrics import Metrics
 from strangler.model import Route, Rules, SplitEntry, Sticky, Upstream
 from strangler.proxy.upstream import TargetPool
@@ -40,6 +41,10 @@ class UpstreamRuntime:
         self.balancer = make_balancer(
             model.balance, self.states, rng=rng, upstream=model.name
         )
+        self.health: HealthChecker | None = None
+        if model.health is not None:
+            self.health = HealthChecker(model.name, model.health, self.states, reactor)
+            self.health.start()
 
     def pick(
         self, client_ip: str | None, exclude: tuple[TargetState, ...] = ()
@@ -49,6 +54,8 @@ class UpstreamRuntime:
         return state, self.pools[id(state)]
 
     def close(self) -> None:
+        if self.health is not None:
+            self.health.stop()
         for pool in self.pools.values():
             pool.close_idle()
 

@@ -96,6 +96,8 @@ class Rewrite:
             if path.startswith(self.prefix):
                 rest = path[len(self.prefix) :]
                 if not rest or rest[0] == "/" or self.prefix.endswith("/"):
+                    if self.to.endswith("/") and rest.startswith("/"):
+                        rest = rest[1:]
                     joined = self.to + rest
                     return joined if joined.startswith("/") else "/" + joined
             return path

@@ -88,6 +88,7 @@ class GatewayServer:
         self.port = listen_tcp(self.reactor, self.rules.listen, factory)
         bound = self.port.getHost()
         log.info("listening", address=f"{bound.host}:{bound.port}")
+        _warn_inactive(self.rules)
         return Address(bound.host, bound.port)
 
     def start_admin(self) -> Address | None:
@@ -154,6 +155,7 @@ class GatewayServer:
             )
             rules = replace(rules, listen=self.rules.listen)
         self.gateway.apply(rules)
+        _warn_inactive(rules)
         self.gateway.metrics.reloads["ok"] += 1
         self.last_reload = ReloadResult(True, self.reactor.seconds(), [], str(source))
         log.info("reloaded", source=str(source), routes=len(rules.routes))
@@ -211,6 +213,29 @@ class GatewayServer:
 
 def _sleep(reactor: Any, seconds: float) -> defer.Deferred[None]:
     return deferLater(reactor, seconds, lambda: None)
+
+
+def inactive_features(rules: Rules) -> list[tuple[str, str]]:
+    """(route, key) pairs the rules use that this version parses but does not act on."""
+    found = []
+    for route in rules.routes:
+        if route.shadow is not None:
+            found.append((route.name, "shadow"))
+        for entry in route.split:
+            if entry.fallback is not None:
+                found.append((route.name, "fallback"))
+                break
+    return found
+
+
+def _warn_inactive(rules: Rules) -> None:
+    for route, key in inactive_features(rules):
+        log.warning(
+            "feature_not_active",
+            route=route,
+            key=key,
+            detail="accepted by the rule file but not acted on yet; see docs/limitations.md",
+        )
 
 
 def _is_loopback(host: str) -> bool:

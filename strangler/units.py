@@ -1,11 +1,12 @@
-"""Durations (`250ms`, `10s`, `5m`) and sizes (`64KiB`, `10MiB`) as people write them."""
+"""Durations (`250ms`, `10s`, `5m`) and sizes (`64KiB`, `10MiB`) as written."""
 
 from __future__ import annotations
 
 import re
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
-_DURATION_FACTORS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_DIVISORS = {"ms": 1000.0, "s": 1.0}
+_DURATION_FACTORS = {"m": 60.0, "h": 3600.0}
 
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$")
 _SIZE_FACTORS = {
@@ -31,7 +32,10 @@ def parse_duration(text: str | int | float) -> float:
     found = _DURATION.match(text)
     if found is None:
         raise ValueError(f"expected a duration like 250ms, 10s or 5m, got {text!r}")
-    return float(found.group(1)) * _DURATION_FACTORS[found.group(2)]
+    number, unit = float(found.group(1)), found.group(2)
+    if unit in _DURATION_DIVISORS:
+        return number / _DURATION_DIVISORS[unit]
+    return number * _DURATION_FACTORS[unit]
 
 
 def parse_size(text: str | int) -> int:

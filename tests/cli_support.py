@@ -52,8 +52,11 @@ class ServeProcess:
             self.events.append(event)
             if event.get("event") == "listening":
                 return int(event["address"].rsplit(":", 1)[1])
-        self.stop()
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(5)
         stderr = self.process.stderr.read().decode() if self.process.stderr else ""
+        self.stop()
         raise RuntimeError(f"strangler serve did not start: {stderr}")
 
     @property

@@ -16,10 +16,14 @@ from typing import TYPE_CHECKING
 
 import httptools
 
-from strangler.errors import UpstreamConnectError, UpstreamError
+import structlog
+
+from strangler.errors import ResponseTransformError, UpstreamConnectError, UpstreamError
 from strangler.proxy import headers as hdr
 from strangler.proxy.responses import error_response
 from strangler.stickiness import new_cookie_key, set_cookie_header, sticky_key
+from strangler.transforms import TransformError
+from strangler.transforms.xml_json import TRANSFORMS, content_type_for
 
 if TYPE_CHECKING:
     from strangler.balancing import TargetState
@@ -35,6 +39,30 @@ _LAST_CHUNK = b"0\r\n\r\n"
 _NO_BODY_STATUS = frozenset({204, 304})
 _DROP_FROM_RESPONSE = frozenset({b"x-request-id"})
 _PASS_ON_101 = frozenset({b"upgrade", b"connection"})
+_REPLACED_BY_TRANSFORM = frozenset(
+    {b"content-type", b"content-length", b"transfer-encoding", b"content-encoding"}
+)
+_INPUT_MARK = {"xml_to_json": b"xml", "json_to_xml": b"json"}
+
+log = structlog.get_logger("strangler.proxy")
+
+
+def accepts(transform: str, content_type: bytes | None) -> bool:
+    """Whether a body of this type is what the transform converts.
+
+    A body with no `Content-Type` is converted (old clients often omit it);
+    a body declared as something else passes through untouched.
+    """
+    if not content_type:
+        return True
+    return _INPUT_MARK[transform] in content_type.lower()
+
+
+def _find(headers: hdr.Headers, lname: bytes) -> bytes | None:
+    for name, value in headers:
+        if name.lower() == lname:
+            return value
+    return None
 
 
 class Exchange:
@@ -52,6 +80,11 @@ class Exchange:
         "error",
         "failed_targets",
         "finished",
+        "forwarded",
+        "kept",
+        "request_buffer",
+        "response_buffer",
+        "response_saved",
         "head_bytes",
         "headers",
         "host",
@@ -76,6 +109,7 @@ class Exchange:
         "status",
         "target",
         "upgrade",
+        "upstream_target",
         "url",
     )
 
@@ -126,6 +160,12 @@ class Exchange:
         self.decision = ""
         self.error = ""
         self.set_cookie: tuple[bytes, bytes] | None = None
+        self.kept: list[tuple[bytes, bytes, bytes]] = []
+        self.forwarded: tuple[bytes, bytes, bytes | None, bytes] = (b"", b"", None, b"")
+        self.upstream_target = b""
+        self.request_buffer: list[bytes] | None = None
+        self.response_buffer: list[bytes] | None = None
+        self.response_saved: tuple[int, bytes, hdr.Headers] | None = None
 
     # -- the request ------------------------------------------------------------
 
@@ -135,6 +175,53 @@ class Exchange:
         if head is None:
             return
         self.head_bytes = head
+        assert self.branch is not None
+        transform = self.branch.entry.transform
+        if transform is not None and transform.response is not None:
+            # The body must arrive uncompressed to be converted.
+            self.kept = [e for e in self.kept if e[0] != b"accept-encoding"]
+            self.head_bytes = self._render_head()
+        if (
+            transform is not None
+            and transform.request is not None
+            and self.body_kind != NO_BODY
+            and accepts(transform.request, self.header_value(b"content-type"))
+        ):
+            self._buffer_request(transform.max_body)
+            return
+        self._send_to_target()
+
+    def _buffer_request(self, max_body: int) -> None:
+        """Hold the whole body for a request transform, refusing oversize early."""
+        if self.body_kind == LENGTH and self.content_length > max_body:
+            self.reject(413, "body_too_large", f"request body is over {max_body} bytes")
+            return
+        self.request_buffer = [p for p in self.pending if p is not _LAST_CHUNK]
+        self.pending = []
+        self.pending_size = 0
+        self.client.resume_reading(self.client.PAUSE_BUFFER)
+        if self.request_done:
+            self._transform_request()
+
+    def _transform_request(self) -> None:
+        assert self.branch is not None and self.request_buffer is not None
+        transform = self.branch.entry.transform
+        assert transform is not None and transform.request is not None
+        body = b"".join(self.request_buffer)
+        self.request_buffer = None
+        try:
+            converted = TRANSFORMS[transform.request](body)
+        except TransformError as exc:
+            self.reject(exc.status, "request_transform_failed", exc.message)
+            return
+        content_type = content_type_for(transform.request)
+        self.kept = [e for e in self.kept if e[0] != b"content-type"]
+        self.kept.append((b"content-type", b"Content-Type", content_type))
+        self.body_kind = LENGTH
+        self.content_length = len(converted)
+        self.pending = [converted]
+        self.replay = [converted]
+        self.head_bytes = self._render_head()
         self._send_to_target()
 
     def _build_upstream_head(self) -> bytes | None:
@@ -226,10 +313,18 @@ class Exchange:
         target = path.encode("latin-1")
         if self.query:
             target += b"?" + self.query
-        parts = [self.method, b" ", target, b" HTTP/1.1\r\n"]
-        for lname, name, value in kept:
-            if connection_tokens is not None and lname in connection_tokens:
-                continue
+        if connection_tokens is not None:
+            kept = [entry for entry in kept if entry[0] not in connection_tokens]
+        self.kept = kept
+        self.forwarded = (forwarded_for, forwarded_proto, forwarded_host, upgrade_value)
+        self.upstream_target = target
+        return self._render_head()
+
+    def _render_head(self) -> bytes:
+        """The upstream request head from the decisions `_build_upstream_head` made."""
+        forwarded_for, forwarded_proto, forwarded_host, upgrade_value = self.forwarded
+        parts = [self.method, b" ", self.upstream_target, b" HTTP/1.1\r\n"]
+        for _lname, name, value in self.kept:
             parts += (name, b": ", value, _CRLF)
         parts += (b"X-Forwarded-For: ", forwarded_for, _CRLF)
         parts += (b"X-Forwarded-Proto: ", forwarded_proto, _CRLF)
@@ -320,6 +415,15 @@ class Exchange:
         self.bytes_in += len(data)
         if self.finished:
             return
+        buffer = self.request_buffer
+        if buffer is not None:
+            buffer.append(data)
+            assert self.branch is not None and self.branch.entry.transform is not None
+            limit = self.branch.entry.transform.max_body
+            if self.bytes_in > limit:
+                self.request_buffer = None
+                self.reject(413, "body_too_large", f"request body is over {limit} bytes")
+            return
         replay = self.replay
         if replay is not None:
             if self.bytes_in <= REPLAY_LIMIT:
@@ -343,6 +447,9 @@ class Exchange:
         self.request_done = True
         if self.finished:
             self.client.exchange_done(self)
+            return
+        if self.request_buffer is not None:
+            self._transform_request()
             return
         if self.body_kind == CHUNKED:
             if self.conn is None:
@@ -392,10 +499,25 @@ class Exchange:
         if self.finished:
             return
         self.status = status
-        self.response_started = True
         no_body = (
             self.method == b"HEAD" or status in _NO_BODY_STATUS or status == 101
         )
+        transform = self.branch.entry.transform if self.branch is not None else None
+        if (
+            transform is not None
+            and transform.response is not None
+            and not no_body
+            and accepts(transform.response, _find(headers, b"content-type"))
+        ):
+            self.response_saved = (status, reason, headers)
+            self.response_buffer = []
+            return
+        self._write_response_head(status, reason, headers, no_body)
+
+    def _write_response_head(
+        self, status: int, reason: bytes, headers: hdr.Headers, no_body: bool
+    ) -> None:
+        self.response_started = True
         upstream_length = None
         upstream_chunked = False
         parts = [b"HTTP/1.1 %d " % status, reason, _CRLF]
@@ -445,6 +567,20 @@ class Exchange:
     def response_body(self, data: bytes) -> None:
         if self.finished:
             return
+        buffer = self.response_buffer
+        if buffer is not None:
+            buffer.append(data)
+            assert self.branch is not None and self.branch.entry.transform is not None
+            limit = self.branch.entry.transform.max_body
+            if sum(map(len, buffer)) > limit:
+                self.response_buffer = None
+                conn, self.conn = self.conn, None
+                if conn is not None:
+                    conn.abort()
+                self.upstream_failed(
+                    ResponseTransformError(f"response body is over {limit} bytes"), False
+                )
+            return
         self.bytes_out += len(data)
         if self.response_chunked:
             self.client.transport.writeSequence((b"%x\r\n" % len(data), data, _CRLF))
@@ -454,9 +590,48 @@ class Exchange:
     def response_complete(self) -> None:
         if self.finished:
             return
+        if self.response_buffer is not None:
+            self._release_upstream()
+            self._transform_response()
+            return
         if self.response_chunked:
             self.client.transport.write(_LAST_CHUNK)
         self._release_upstream()
+        self._finish()
+
+    def _transform_response(self) -> None:
+        assert self.branch is not None and self.response_saved is not None
+        transform = self.branch.entry.transform
+        assert transform is not None and transform.response is not None
+        assert self.response_buffer is not None
+        body = b"".join(self.response_buffer)
+        self.response_buffer = None
+        try:
+            converted = TRANSFORMS[transform.response](body)
+        except TransformError as exc:
+            log.error(
+                "response_transform_failed",
+                request_id=self.request_id,
+                route=self.plan.name if self.plan is not None else None,
+                upstream=self.branch.entry.to,
+                reason=exc.message,
+            )
+            self.upstream_failed(
+                ResponseTransformError(f"the upstream's answer could not be converted: {exc.message}"),
+                False,
+            )
+            return
+        status, reason, headers = self.response_saved
+        headers = [
+            (name, value)
+            for name, value in headers
+            if name.lower() not in _REPLACED_BY_TRANSFORM
+        ]
+        headers.append((b"Content-Type", content_type_for(transform.response)))
+        headers.append((b"Content-Length", b"%d" % len(converted)))
+        self._write_response_head(status, reason, headers, False)
+        self.bytes_out += len(converted)
+        self.client.transport.write(converted)
         self._finish()
 
     def upstream_failed(self, error: UpstreamError, retryable: bool) -> None:

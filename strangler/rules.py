@@ -1,0 +1,914 @@
+"""Load a rule file and check all of it before any of it is used.
+
+Every problem in the file is collected, each with its file, line and key
+path, and raised together as one `ConfigError`; a rule file either becomes
+a whole `strangler.model.Rules` or nothing. Each section of the file has one
+reader function here. A reader takes the raw value and its key path, reports
+what is wrong with it and returns the model value, or None when it reported
+a problem.
+
+Readers of a mapping are declared as a table of key -> reader: the table is
+at once the list of allowed keys and, because model field names follow the
+rule file's keys, the keyword arguments of the model class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, get_args
+from urllib.parse import urlsplit
+
+from strangler.errors import ConfigError, RuleProblem
+from strangler.model import (
+    AccessLog,
+    Address,
+    Admin,
+    BalanceName,
+    Compare,
+    HeaderMatch,
+    HealthCheck,
+    Limits,
+    Match,
+    Override,
+    Rewrite,
+    Route,
+    Rules,
+    Shadow,
+    SplitEntry,
+    Sticky,
+    StickyBy,
+    Target,
+    Transform,
+    TransformName,
+    Upstream,
+)
+from strangler.units import parse_duration, parse_size
+from strangler.yaml_source import Document, KeyPath, format_key, load_yaml
+
+__all__ = ["load_rules", "parse_rules"]
+
+DEFAULT_LISTEN = Address("127.0.0.1", 8080)
+DEFAULT_ADMIN_LISTEN = Address("127.0.0.1", 8081)
+
+BALANCE_NAMES: tuple[str, ...] = get_args(BalanceName)
+STICKY_BY: tuple[str, ...] = get_args(StickyBy)
+TRANSFORM_NAMES: tuple[str, ...] = get_args(TransformName)
+
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_HOSTNAME = re.compile(r"[A-Za-z0-9_.-]+")
+_ADDRESS = re.compile(r"(?:\[(?P<v6>[^\]]*)\]|(?P<host>[A-Za-z0-9_.-]+)):(?P<port>\d+)")
+_GROUP_REF = re.compile(r"\\(?:g<([^>]*)>|(\d+))")
+
+# Route keys that apply to every split entry that does not set its own.
+_FOLDED = ("rewrite", "transform", "timeout", "connect_timeout")
+
+Reader = Callable[["_Checker", Any, KeyPath], Any]
+
+
+def load_rules(
+    path: str | os.PathLike[str], environ: Mapping[str, str] | None = None
+) -> Rules:
+    """Read and check the rule file at `path`; `${VAR}` comes from `environ`."""
+    source = os.fspath(path)
+    try:
+        data = Path(source).read_bytes()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConfigError(
+            [RuleProblem(source, 1, "", f"cannot read the rule file: {reason}")]
+        ) from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        problem = RuleProblem(source, line, "", "the rule file is not valid UTF-8")
+        raise ConfigError([problem]) from exc
+    return parse_rules(text, source, environ)
+
+
+def parse_rules(
+    text: str, source_name: str, environ: Mapping[str, str] | None = None
+) -> Rules:
+    """Check rule-file `text`; `source_name` is the file name used in problems."""
+    env = os.environ if environ is None else environ
+    document = load_yaml(text, source_name, env)
+    checker = _Checker(document)
+    if document.syntax_error:
+        raise ConfigError(list(document.problems))
+
+    rules = _rules(checker, document.value)
+    if checker.problems or rules is None:
+        raise ConfigError(sorted(checker.problems, key=lambda problem: problem.line))
+    return rules
+
+
+class _Checker:
+    """Collects problems for one document and reads mappings against tables."""
+
+    def __init__(self, document: Document) -> None:
+        self.document = document
+        self.problems: list[RuleProblem] = list(document.problems)
+        self.failures = 0
+        self.upstreams: tuple[str, ...] = ()
+
+    def report(self, path: KeyPath, message: str) -> None:
+        """Record a problem, unless the YAML reader already reported this key."""
+        self.failures += 1
+        if path in self.document.bad_paths:
+            return
+        line = self.document.line_of(path)
+        self.problems.append(
+            RuleProblem(self.document.source, line, format_key(path), message)
+        )
+
+    def fields(
+        self,
+        value: Any,
+        path: KeyPath,
+        readers: Mapping[str, Reader],
+        required: Iterable[str] = (),
+    ) -> dict[str, Any] | None:
+        """Read a mapping with one reader per allowed key.
+
+        Returns the values of the keys present, or None when anything in the
+        mapping (or below it) was reported, so a caller that gets a dict can
+        build its model object from it directly.
+        """
+        if not isinstance(value, dict):
+            self.report(path, f"expected a mapping of keys, got {_show(value)}")
+            return None
+        before = self.failures
+        for key in value:
+            if key not in readers:
+                self.report((*path, key), _unknown_key(key, readers))
+        for key in required:
+            if key not in value:
+                self.report(path, f"missing required key {key!r}")
+
+        values: dict[str, Any] = {}
+        for key, reader in readers.items():
+            if key in value:
+                values[key] = reader(self, value[key], (*path, key))
+        return values if self.failures == before else None
+
+
+def _show(value: Any) -> str:
+    """Name a value from the file the way the user wrote it."""
+    if value is None:
+        return "an empty value"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, str):
+        return repr(value)
+    return str(value)
+
+
+def _suggest(word: str, choices: Iterable[str]) -> str:
+    """` (did you mean 'x'?)` for the closest choice, or nothing."""
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _unknown_key(key: str, readers: Mapping[str, Reader]) -> str:
+    allowed = ", ".join(readers)
+    return f"unknown key {key!r}{_suggest(key, readers)}; allowed keys: {allowed}"
+
+
+# Scalar readers.
+
+
+def _string(checker: _Checker, value: Any, path: KeyPath) -> str | None:
+    """Any string, including an empty one."""
+    if isinstance(value, str):
+        return value
+    checker.report(path, f"expected a string, got {_show(value)}")
+    return None
+
+
+def _text(checker: _Checker, value: Any, path: KeyPath) -> str | None:
+    """A string with something in it."""
+    text = _string(checker, value, path)
+    if text == "":
+        checker.report(path, "must not be empty")
+        return None
+    return text
+
+
+def _name(checker: _Checker, value: Any, path: KeyPath) -> str | None:
+    text = _text(checker, value, path)
+    if text is not None and not _NAME.fullmatch(text):
+        checker.report(
+            path,
+            f"expected a name of letters, digits, '_', '.' and '-', got {text!r}",
+        )
+        return None
+    return text
+
+
+def _token(
+    checker: _Checker, value: Any, path: KeyPath, what: str = "an HTTP header name"
+) -> str | None:
+    """An HTTP token: a header or cookie name, or a method."""
+    text = _text(checker, value, path)
+    if text is not None and not _TOKEN.fullmatch(text):
+        checker.report(path, f"expected {what} (no spaces or separators), got {text!r}")
+        return None
+    return text
+
+
+def _header_name(checker: _Checker, value: Any, path: KeyPath) -> str | None:
+    name = _token(checker, value, path)
+    return name.lower() if name is not None else None
+
+
+def _method(checker: _Checker, value: Any, path: KeyPath) -> str | None:
+    method = _token(checker, value, path, "an HTTP method like GET")
+    return method.upper() if method is not None else None
+
+
+def _path(checker: _Checker, value: Any, path: KeyPath) -> str | None:
+    """A URL path as the client sends it."""
+    text = _text(checker, value, path)
+    if text is not None and not text.startswith("/"):
+        checker.report(path, f"expected a path starting with '/', got {text!r}")
+        return None
+    return text
+
+
+def _bool(checker: _Checker, value: Any, path: KeyPath) -> bool | None:
+    if isinstance(value, bool):
+        return value
+    checker.report(path, f"expected true or false, got {_show(value)}")
+    return None
+
+
+def _whole_number(lowest: int) -> Reader:
+    def read(checker: _Checker, value: Any, path: KeyPath) -> int | None:
+        if isinstance(value, int) and not isinstance(value, bool) and value >= lowest:
+            return value
+        checker.report(
+            path, f"expected a whole number of at least {lowest}, got {_show(value)}"
+        )
+        return None
+
+    return read
+
+
+def _percent(checker: _Checker, value: Any, path: KeyPath) -> float | None:
+    """A share from 0 to 100 with at most two decimals, so sums are exact."""
+    ok_type = isinstance(value, int | float) and not isinstance(value, bool)
+    if not ok_type or not math.isfinite(value) or not 0 <= value <= 100:
+        checker.report(path, f"expected a percentage from 0 to 100, got {_show(value)}")
+        return None
+    if _decimal(value).as_tuple().exponent < -2:  # type: ignore[operator]
+        checker.report(path, f"use at most two decimals, got {value}")
+        return None
+    return float(value)
+
+
+def _decimal(value: float) -> Decimal:
+    return Decimal(str(value))
+
+
+def _duration_reader(*, allow_zero: bool) -> Reader:
+    def read(checker: _Checker, value: Any, path: KeyPath) -> float | None:
+        if not isinstance(value, str | int | float):
+            checker.report(
+                path, f"expected a duration like 250ms or 10s, got {_show(value)}"
+            )
+            return None
+        try:
+            seconds = parse_duration(value)
+        except ValueError as exc:
+            checker.report(path, str(exc))
+            return None
+        if not math.isfinite(seconds) or (seconds == 0 and not allow_zero):
+            expected = "a finite duration" if seconds else "more than 0"
+            checker.report(path, f"must be {expected}, got {_show(value)}")
+            return None
+        return seconds
+
+    return read
+
+
+_duration = _duration_reader(allow_zero=False)
+_duration_or_zero = _duration_reader(allow_zero=True)
+
+
+def _size_at_least(lowest: int) -> Reader:
+    def read(checker: _Checker, value: Any, path: KeyPath) -> int | None:
+        if not isinstance(value, str | int | float):
+            checker.report(
+                path, f"expected a size like 64KiB or 10MiB, got {_show(value)}"
+            )
+            return None
+        try:
+            size = parse_size(value)  # type: ignore[arg-type]
+        except ValueError as exc:
+            checker.report(path, str(exc))
+            return None
+        if size < lowest:
+            checker.report(path, f"must be at least {lowest} bytes, got {_show(value)}")
+            return None
+        return size
+
+    return read
+
+
+_size = _size_at_least(0)
+_positive_size = _size_at_least(1)
+
+
+def _regex(checker: _Checker, value: Any, path: KeyPath) -> re.Pattern[str] | None:
+    text = _text(checker, value, path)
+    if text is None:
+        return None
+    try:
+        return re.compile(text)
+    except re.error as exc:
+        checker.report(path, f"bad regular expression {text!r}: {exc}")
+        return None
+
+
+def _choice(options: tuple[str, ...]) -> Reader:
+    def read(checker: _Checker, value: Any, path: KeyPath) -> str | None:
+        if isinstance(value, str) and value in options:
+            return value
+        hint = _suggest(value, options) if isinstance(value, str) else ""
+        checker.report(
+            path, f"expected one of {', '.join(options)}, got {_show(value)}{hint}"
+        )
+        return None
+
+    return read
+
+
+def _upstream_ref(checker: _Checker, value: Any, path: KeyPath) -> str | None:
+    """The name of an upstream defined under `upstreams`."""
+    name = _text(checker, value, path)
+    if name is None or name in checker.upstreams:
+        return name
+    defined = ", ".join(checker.upstreams) or "none"
+    hint = _suggest(name, checker.upstreams)
+    checker.report(
+        path, f"unknown upstream {name!r}{hint}; defined upstreams: {defined}"
+    )
+    return None
+
+
+def _list_of(reader: Reader, *, non_empty: bool = False) -> Reader:
+    """A list whose items all pass `reader`, returned as a tuple."""
+
+    def read(checker: _Checker, value: Any, path: KeyPath) -> tuple[Any, ...] | None:
+        if not isinstance(value, list):
+            checker.report(path, f"expected a list, got {_show(value)}")
+            return None
+        if non_empty and not value:
+            checker.report(path, "expected at least one item, got an empty list")
+            return None
+        items = [reader(checker, item, (*path, i)) for i, item in enumerate(value)]
+        return None if any(item is None for item in items) else tuple(items)
+
+    return read
+
+
+# Addresses and URLs.
+
+
+def _address(checker: _Checker, value: Any, path: KeyPath) -> Address | None:
+    """`host:port` or `[v6]:port` to listen on."""
+    found = _ADDRESS.fullmatch(value) if isinstance(value, str) else None
+    if found is None:
+        checker.report(
+            path,
+            f"expected host:port like 127.0.0.1:8080 or [::1]:8080, got {_show(value)}",
+        )
+        return None
+    host = found.group("host") or found.group("v6")
+    port = int(found.group("port"))
+    if found.group("v6") is not None and not _is_ipv6(host):
+        checker.report(path, f"{host!r} in brackets is not an IPv6 address")
+        return None
+    if port > 65535:
+        checker.report(path, f"port must be from 0 to 65535, got {port}")
+        return None
+    return Address(host, port)
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _url_problem(url: str) -> str | None:
+    """What is wrong with an upstream target URL, if anything."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        text = str(exc)
+        return "the port must be a number up to 65535" if "Port" in text else text
+    host = parts.hostname or ""
+    if parts.scheme not in ("http", "https"):
+        return "the scheme must be http:// or https://"
+    if not host or not (_HOSTNAME.fullmatch(host) or _is_ipv6(host)):
+        return "it has no valid host"
+    if port == 0:
+        return "port 0 cannot be connected to"
+    if parts.username is not None:
+        return "credentials do not belong in a target URL"
+    if parts.path not in ("", "/"):
+        return f"a target has no path (got {parts.path!r}); use a rewrite for paths"
+    if "?" in url or "#" in url:
+        return "a target has no query string or fragment"
+    return None
+
+
+def _target_url(checker: _Checker, value: Any, path: KeyPath) -> Target | None:
+    url = _text(checker, value, path)
+    if url is None:
+        return None
+    problem = _url_problem(url)
+    if problem is not None:
+        checker.report(
+            path, f"bad target URL {url!r}: {problem}; expected http://host:port"
+        )
+        return None
+    parts = urlsplit(url)
+    default_port = 443 if parts.scheme == "https" else 80
+    return Target(
+        url=url.rstrip("/"),
+        scheme=parts.scheme,
+        host=(parts.hostname or "").lower(),
+        port=parts.port or default_port,
+    )
+
+
+_TARGET = {"url": _target_url, "weight": _whole_number(1)}
+
+
+def _target(checker: _Checker, value: Any, path: KeyPath) -> Target | None:
+    """A URL string, or `{url, weight}`."""
+    if isinstance(value, str):
+        return _target_url(checker, value, path)
+    values = checker.fields(value, path, _TARGET, required=("url",))
+    if values is None:
+        return None
+    return dataclasses.replace(values["url"], weight=values.get("weight", 1))
+
+
+def _network(
+    checker: _Checker, value: Any, path: KeyPath
+) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+    text = _text(checker, value, path)
+    if text is None:
+        return None
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        checker.report(
+            path, f"expected an IP address or CIDR like 10.0.0.0/8, got {text!r}"
+        )
+        return None
+
+
+# Upstreams.
+
+
+def _expect_status(
+    checker: _Checker, value: Any, path: KeyPath
+) -> tuple[int, int] | None:
+    """A status code, or an inclusive `[lowest, highest]` range of them."""
+    codes = value if isinstance(value, list) else [value]
+    valid = all(
+        isinstance(code, int) and not isinstance(code, bool) and 100 <= code <= 599
+        for code in codes
+    )
+    if not valid or len(codes) not in (1, 2) or codes[0] > codes[-1]:
+        checker.report(
+            path,
+            "expected a status code or a [lowest, highest] range like [200, 399], "
+            f"got {value if isinstance(value, list) else _show(value)}",
+        )
+        return None
+    return (codes[0], codes[-1])
+
+
+_HEALTH = {
+    "path": _path,
+    "interval": _duration,
+    "timeout": _duration,
+    "expect_status": _expect_status,
+    "healthy_after": _whole_number(1),
+    "unhealthy_after": _whole_number(1),
+}
+
+
+def _health(checker: _Checker, value: Any, path: KeyPath) -> HealthCheck | None:
+    values = checker.fields(value, path, _HEALTH)
+    return HealthCheck(**values) if values is not None else None
+
+
+_UPSTREAM = {
+    "targets": _list_of(_target, non_empty=True),
+    "balance": _choice(BALANCE_NAMES),
+    "health": _health,
+    "timeout": _duration,
+    "connect_timeout": _duration,
+}
+
+
+def _upstreams(
+    checker: _Checker, value: Any, path: KeyPath
+) -> dict[str, Upstream] | None:
+    if not isinstance(value, dict):
+        checker.report(
+            path,
+            f"expected a mapping of upstream names to upstreams, got {_show(value)}",
+        )
+        return None
+    if not value:
+        checker.report(path, "define at least one upstream")
+        return None
+    upstreams: dict[str, Upstream] = {}
+    for name, raw in value.items():
+        where = (*path, name)
+        valid_name = _name(checker, name, where)
+        values = checker.fields(raw, where, _UPSTREAM, required=("targets",))
+        if valid_name is not None and values is not None:
+            upstreams[name] = Upstream(name=name, **values)
+    return upstreams if len(upstreams) == len(value) else None
+
+
+# Rewrites, transforms and the parts of a route.
+
+
+def _template_problem(pattern: re.Pattern[str], template: str) -> str | None:
+    """A group reference in a substitution that the regex does not define."""
+    for found in _GROUP_REF.finditer(template):
+        ref = found.group(1) if found.group(1) is not None else found.group(2)
+        if ref.isdigit():
+            if int(ref) > pattern.groups:
+                return f"refers to group {ref} but the regex has {pattern.groups}"
+        elif ref not in pattern.groupindex:
+            return f"refers to group {ref!r} which the regex does not define"
+    return None
+
+
+_REWRITE = {"prefix": _path, "regex": _regex, "to": _string}
+
+
+def _rewrite(checker: _Checker, value: Any, path: KeyPath) -> Rewrite | None:
+    values = checker.fields(value, path, _REWRITE, required=("to",))
+    if isinstance(value, dict) and ("prefix" in value) == ("regex" in value):
+        checker.report(path, "give exactly one of 'prefix' or 'regex', with 'to'")
+        return None
+    if values is None:
+        return None
+    if "regex" in values:
+        problem = _template_problem(values["regex"], values["to"])
+        if problem is not None:
+            checker.report((*path, "to"), problem)
+            return None
+    return Rewrite(**values)
+
+
+_TRANSFORM = {
+    "request": _choice(TRANSFORM_NAMES),
+    "response": _choice(TRANSFORM_NAMES),
+    "max_body": _positive_size,
+}
+
+
+def _transform(checker: _Checker, value: Any, path: KeyPath) -> Transform | None:
+    values = checker.fields(value, path, _TRANSFORM)
+    if isinstance(value, dict) and not ({"request", "response"} & value.keys()):
+        checker.report(path, "give 'request', 'response' or both")
+        return None
+    return Transform(**values) if values is not None else None
+
+
+def _header_matches(
+    checker: _Checker, value: Any, path: KeyPath
+) -> tuple[HeaderMatch, ...] | None:
+    """`{Header-Name: regex}`; a header with no value only has to be present."""
+    if not isinstance(value, dict):
+        checker.report(
+            path, f"expected a mapping of header names to regexes, got {_show(value)}"
+        )
+        return None
+    matches: dict[str, HeaderMatch] = {}
+    before = checker.failures
+    for raw_name, raw_pattern in value.items():
+        where = (*path, raw_name)
+        name = _header_name(checker, raw_name, where)
+        pattern = None if raw_pattern is None else _regex(checker, raw_pattern, where)
+        if name in matches:
+            checker.report(where, f"header {raw_name!r} is listed twice")
+        elif name is not None:
+            matches[name] = HeaderMatch(name, pattern)
+    return tuple(matches.values()) if checker.failures == before else None
+
+
+def _host(checker: _Checker, value: Any, path: KeyPath) -> str | None:
+    text = _text(checker, value, path)
+    bare = text[2:] if text is not None and text.startswith("*.") else text
+    if bare is not None and not _HOSTNAME.fullmatch(bare):
+        checker.report(
+            path, f"expected a host like api.example.com or *.example.com, got {text!r}"
+        )
+        return None
+    return text.lower() if text is not None else None
+
+
+def _methods(checker: _Checker, value: Any, path: KeyPath) -> frozenset[str] | None:
+    methods = _list_of(_method, non_empty=True)(checker, value, path)
+    return frozenset(methods) if methods is not None else None
+
+
+_MATCH = {
+    "path": _path,
+    "path_regex": _regex,
+    "methods": _methods,
+    "headers": _header_matches,
+    "host": _host,
+}
+
+
+def _match(checker: _Checker, value: Any, path: KeyPath) -> Match | None:
+    values = checker.fields(value, path, _MATCH)
+    return Match(**values) if values is not None else None
+
+
+_SPLIT_ENTRY = {
+    "to": _upstream_ref,
+    "weight": _percent,
+    "rewrite": _rewrite,
+    "transform": _transform,
+    "timeout": _duration,
+    "connect_timeout": _duration,
+    "fallback": _upstream_ref,
+}
+
+
+def _split_entry(checker: _Checker, value: Any, path: KeyPath) -> SplitEntry | None:
+    values = checker.fields(value, path, _SPLIT_ENTRY, required=("to", "weight"))
+    if values is None:
+        return None
+    if values.get("fallback") == values["to"]:
+        checker.report((*path, "fallback"), "must name another upstream than 'to'")
+        return None
+    return SplitEntry(**values)
+
+
+def _split(
+    checker: _Checker, value: Any, path: KeyPath
+) -> tuple[SplitEntry, ...] | None:
+    entries = _list_of(_split_entry, non_empty=True)(checker, value, path)
+    if entries is None:
+        return None
+    first_index: dict[str, int] = {}
+    for i, entry in enumerate(entries):
+        if entry.to in first_index:
+            checker.report(
+                (*path, i, "to"),
+                f"upstream {entry.to!r} already has a branch in this split "
+                f"(entry {first_index[entry.to]}); branches are told apart by upstream",
+            )
+            return None
+        first_index[entry.to] = i
+    total = sum((_decimal(entry.weight) for entry in entries), Decimal(0))
+    if total != 100:
+        checker.report(path, f"weights must sum to 100, got {total.normalize():f}")
+        return None
+    return entries
+
+
+_STICKY = {"by": _choice(STICKY_BY), "name": _text, "cookie_ttl": _duration}
+_STICKY_NAME = {
+    "header": "the header that carries the key",
+    "cookie": "the cookie that carries the key",
+    "jwt_claim": "the token claim that carries the key",
+}
+
+
+def _sticky(checker: _Checker, value: Any, path: KeyPath) -> Sticky | None:
+    values = checker.fields(value, path, _STICKY, required=("by",))
+    if values is None:
+        return None
+    by, name = values["by"], values.get("name")
+    if by == "ip" and name is not None:
+        checker.report((*path, "name"), "not used with by: ip; remove it")
+        return None
+    if by != "ip" and name is None:
+        checker.report(path, f"missing required key 'name' ({_STICKY_NAME[by]})")
+        return None
+    what = "a cookie name" if by == "cookie" else "an HTTP header name"
+    if by in ("header", "cookie") and not _token(checker, name, (*path, "name"), what):
+        return None
+    if by != "cookie" and "cookie_ttl" in values:
+        checker.report((*path, "cookie_ttl"), "only used with by: cookie; remove it")
+        return None
+    return Sticky(**values)
+
+
+def _override(checker: _Checker, value: Any, path: KeyPath) -> Override | None:
+    values = checker.fields(value, path, {"header": _header_name}, required=("header",))
+    return Override(**values) if values is not None else None
+
+
+def _json_path(checker: _Checker, value: Any, path: KeyPath) -> str | None:
+    text = _text(checker, value, path)
+    if text is not None and not text.startswith("$"):
+        checker.report(
+            path, f"expected a JSON path like $.meta.generated_at, got {text!r}"
+        )
+        return None
+    return text
+
+
+_COMPARE = {
+    "ignore": _list_of(_json_path),
+    "headers": _list_of(_header_name),
+    "noise": _choice(("auto", "off")),
+}
+
+
+def _compare(checker: _Checker, value: Any, path: KeyPath) -> Compare | None:
+    values = checker.fields(value, path, _COMPARE)
+    return Compare(**values) if values is not None else None
+
+
+_SHADOW = {
+    "to": _upstream_ref,
+    "percent": _percent,
+    "methods": _methods,
+    "rewrite": _rewrite,
+    "transform": _transform,
+    "timeout": _duration,
+    "max_body": _size,
+    "max_in_flight": _whole_number(1),
+    "compare": _compare,
+}
+
+
+def _shadow(checker: _Checker, value: Any, path: KeyPath) -> Shadow | None:
+    values = checker.fields(value, path, _SHADOW, required=("to",))
+    return Shadow(**values) if values is not None else None
+
+
+# Routes.
+
+_ROUTE = {
+    "name": _name,
+    "match": _match,
+    "to": _upstream_ref,
+    "split": _split,
+    "sticky": _sticky,
+    "override": _override,
+    "shadow": _shadow,
+    "rewrite": _rewrite,
+    "transform": _transform,
+    "timeout": _duration,
+    "connect_timeout": _duration,
+}
+
+
+def _route(checker: _Checker, value: Any, path: KeyPath) -> Route | None:
+    values = checker.fields(value, path, _ROUTE, required=("name",))
+    if isinstance(value, dict) and ("to" in value) == ("split" in value):
+        both = "to" in value
+        checker.report(
+            path,
+            "give either 'to' or 'split', not both"
+            if both
+            else "missing 'to' or 'split': where should matching requests go?",
+        )
+        return None
+    if values is None:
+        return None
+
+    shared = {key: values.pop(key) for key in _FOLDED if key in values}
+    entries = values.pop("split", None) or (SplitEntry(to=values.pop("to")),)
+    return Route(
+        match=values.pop("match", Match()),
+        split=tuple(_fold(entry, shared) for entry in entries),
+        line=checker.document.line_of(path),
+        **values,
+    )
+
+
+def _fold(entry: SplitEntry, shared: Mapping[str, Any]) -> SplitEntry:
+    """Give a split entry the route-level settings it does not set itself."""
+    missing = {
+        key: value for key, value in shared.items() if getattr(entry, key) is None
+    }
+    return dataclasses.replace(entry, **missing)
+
+
+def _routes(checker: _Checker, value: Any, path: KeyPath) -> tuple[Route, ...] | None:
+    routes = _list_of(_route)(checker, value, path)
+    if not isinstance(value, list):
+        return None
+
+    first_line: dict[str, int] = {}
+    for i, raw in enumerate(value):
+        name = raw.get("name") if isinstance(raw, dict) else None
+        if not isinstance(name, str):
+            continue
+        where = (*path, i, "name")
+        if name in first_line:
+            first = first_line[name]
+            checker.report(
+                where, f"duplicate route name {name!r} (first used on line {first})"
+            )
+        else:
+            first_line[name] = checker.document.line_of(where)
+    return routes
+
+
+# The top level.
+
+
+def _admin(checker: _Checker, value: Any, path: KeyPath) -> Admin | None:
+    values = checker.fields(value, path, {"listen": _address, "token": _text})
+    if values is None:
+        return None
+    return Admin(
+        listen=values.get("listen", DEFAULT_ADMIN_LISTEN), token=values.get("token")
+    )
+
+
+_LIMITS = {
+    "client_header_timeout": _duration,
+    "max_header_bytes": _positive_size,
+    "max_headers": _whole_number(1),
+    "max_body": _size,
+}
+
+
+def _limits(checker: _Checker, value: Any, path: KeyPath) -> Limits | None:
+    values = checker.fields(value, path, _LIMITS)
+    return Limits(**values) if values is not None else None
+
+
+def _access_log(checker: _Checker, value: Any, path: KeyPath) -> AccessLog | None:
+    """`false`, `true`, or `{enabled, path}`."""
+    if isinstance(value, bool):
+        return AccessLog(enabled=value)
+    if not isinstance(value, dict):
+        checker.report(path, f"expected false or {{enabled, path}}, got {_show(value)}")
+        return None
+    values = checker.fields(value, path, {"enabled": _bool, "path": _text})
+    return AccessLog(**values) if values is not None else None
+
+
+_RULES = {
+    "listen": _address,
+    "admin": _admin,
+    "upstreams": _upstreams,
+    "default": _upstream_ref,
+    "routes": _routes,
+    "trusted_proxies": _list_of(_network),
+    "expose_decision": _bool,
+    "limits": _limits,
+    "access_log": _access_log,
+    "timeout": _duration,
+    "connect_timeout": _duration,
+    "drain_timeout": _duration_or_zero,
+}
+
+
+def _rules(checker: _Checker, value: Any) -> Rules | None:
+    if value is None:
+        checker.report(
+            (), "the rule file is empty; it needs at least upstreams and default"
+        )
+        return None
+    if isinstance(value, dict) and isinstance(value.get("upstreams"), dict):
+        checker.upstreams = tuple(str(name) for name in value["upstreams"])
+
+    values = checker.fields(value, (), _RULES, required=("upstreams", "default"))
+    if values is None:
+        return None
+    return Rules(
+        source=Path(checker.document.source),
+        listen=values.pop("listen", DEFAULT_LISTEN),
+        **values,
+    )

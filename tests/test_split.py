@@ -1,0 +1,225 @@
+"""Weighted and sticky splits through the real gateway, and live rule edits."""
+
+from __future__ import annotations
+
+import pytest_twisted
+
+from load import get, run_load
+from support import raw_exchange, header_values, sleep
+
+ensure = pytest_twisted.ensureDeferred
+
+
+def split_rules(mono: str, users: str, users_weight: float, extra: str = "", sticky: str = "") -> str:
+    return f"""
+listen: 127.0.0.1:0
+expose_decision: true
+{extra}
+upstreams:
+  monolith:
+    targets: [{mono}]
+  users:
+    targets: [{users}]
+default: monolith
+routes:
+  - name: users-v1
+    match: {{path: /api/v1/users}}
+    split:
+      - {{to: monolith, weight: {100 - users_weight:g}}}
+      - to: users
+        weight: {users_weight:g}
+        rewrite: {{prefix: /api/v1/users, to: /api/v2/users}}
+{sticky}
+"""
+
+
+STICKY = "    sticky: {by: header, name: X-User-Id}"
+UPSTREAM = b"x-strangler-upstream"
+
+
+@ensure
+async def test_unsticky_shares_follow_weights_over_10000_requests(backends, gateway):
+    mono, users = backends("monolith"), backends("users")
+    gw = gateway(split_rules(mono.url, users.url, 30))
+
+    result = await run_load(gw.port, lambda i: get("/api/v1/users"), 10_000, workers=8)
+
+    assert result.failures == []
+    assert len(result.replies) == 10_000
+    users_share = result.count(UPSTREAM, b"users") / 100
+    assert 28 <= users_share <= 32
+    assert {r.status for r in result.replies} == {200}
+
+
+@ensure
+async def test_split_entry_rewrite_applies_only_to_its_branch(backends, gateway):
+    mono, users = backends("monolith"), backends("users")
+    gw = gateway(split_rules(mono.url, users.url, 50))
+
+    result = await run_load(gw.port, lambda i: get(f"/api/v1/users/{i}?q=1"), 200)
+
+    assert result.failures == []
+    assert mono.requests and users.requests
+    assert all(r["uri"].startswith("/api/v1/users/") for r in mono.requests)
+    assert all(r["uri"].startswith("/api/v2/users/") for r in users.requests)
+    assert all(r["uri"].endswith("?q=1") for r in mono.requests + users.requests)
+
+
+@ensure
+async def test_sticky_key_always_lands_on_the_same_upstream(backends, gateway):
+    mono, users = backends("monolith"), backends("users")
+    gw = gateway(split_rules(mono.url, users.url, 50, sticky=STICKY))
+
+    result = await run_load(
+        gw.port, lambda i: get("/api/v1/users", {"X-User-Id": f"user-{i % 50}"}), 500
+    )
+
+    landed: dict[int, set[bytes]] = {}
+    for reply in result.replies:
+        landed.setdefault(reply.index % 50, set()).add(reply.headers[UPSTREAM])
+    assert result.failures == []
+    assert all(len(upstreams) == 1 for upstreams in landed.values())
+    assert {next(iter(u)) for u in landed.values()} == {b"monolith", b"users"}
+
+
+@ensure
+async def test_cookie_stickiness_sets_a_cookie_and_honours_it(backends, gateway):
+    mono, users = backends("monolith"), backends("users")
+    sticky = "    sticky: {by: cookie, name: strangler_user}"
+    gw = gateway(split_rules(mono.url, users.url, 50, sticky=sticky))
+
+    first = await raw_exchange(
+        gw.port, b"GET /api/v1/users HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    )
+    (cookie,) = header_values(first, b"set-cookie")
+    assert cookie.startswith(b"strangler_user=") and b"HttpOnly" in cookie
+    chosen = header_values(first, UPSTREAM)[0]
+    value = cookie.split(b";")[0]
+
+    again = await run_load(
+        gw.port,
+        lambda i: get("/api/v1/users", {"Cookie": value.decode()}),
+        40,
+    )
+    assert {r.headers[UPSTREAM] for r in again.replies} == {chosen}
+    assert all(b"set-cookie" not in r.headers for r in again.replies)
+
+
+@ensure
+async def test_override_header_forces_a_branch_but_not_a_stranger(backends, gateway):
+    mono, users = backends("monolith"), backends("users")
+    rules = split_rules(mono.url, users.url, 0).replace(
+        "default: monolith", "default: monolith"
+    ) + "    override: {header: X-Strangler-Upstream}\n"
+    gw = gateway(rules)
+
+    forced = await run_load(
+        gw.port, lambda i: get("/api/v1/users", {"X-Strangler-Upstream": "users"}), 20
+    )
+    stranger = await run_load(
+        gw.port, lambda i: get("/api/v1/users", {"X-Strangler-Upstream": "127.0.0.1:22"}), 20
+    )
+
+    assert {r.headers[UPSTREAM] for r in forced.replies} == {b"users"}
+    assert {r.headers[UPSTREAM] for r in stranger.replies} == {b"monolith"}
+
+
+@ensure
+async def test_decision_headers_only_when_exposed(backends, gateway):
+    mono, users = backends("monolith"), backends("users")
+    hidden = gateway(split_rules(mono.url, users.url, 50).replace("expose_decision: true", ""))
+
+    raw = await raw_exchange(
+        hidden.port, b"GET /api/v1/users HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    )
+
+    assert header_values(raw, b"x-strangler-route") == []
+    assert header_values(raw, UPSTREAM) == []
+    (line,) = hidden.log_lines()
+    assert line["route"] == "users-v1" and line["upstream"] in ("monolith", "users")
+    assert line["split"] == "random"
+
+
+async def _wait_for(predicate, limit: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    waited = 0.0
+    while not predicate() and waited < limit:
+        await sleep(0.1)
+        waited += 0.1
+
+
+@ensure
+async def test_rule_file_edit_takes_effect_without_restart(backends, gateway):
+    mono, users = backends("monolith"), backends("users")
+    gw = gateway(split_rules(mono.url, users.url, 0))
+    gw.server.watch(interval=0.2)
+
+    gw.rules_path.write_text(split_rules(mono.url, users.url, 100))
+    await _wait_for(lambda: gw.server.gateway.state.plans["users-v1"].effective_weights()["users"] == 100)
+    result = await run_load(gw.port, lambda i: get("/api/v1/users"), 50)
+
+    assert {r.headers[UPSTREAM] for r in result.replies} == {b"users"}
+    assert gw.server.last_reload.ok
+
+
+@ensure
+async def test_invalid_rule_file_is_refused_and_old_rules_keep_serving(backends, gateway):
+    mono, users = backends("monolith"), backends("users")
+    gw = gateway(split_rules(mono.url, users.url, 0))
+    gw.server.watch(interval=0.2)
+
+    gw.rules_path.write_text(split_rules(mono.url, users.url, 0).replace("weight: 0", "weight: 7"))
+    await _wait_for(lambda: not gw.server.last_reload.ok)
+    result = await run_load(gw.port, lambda i: get("/api/v1/users"), 50)
+
+    assert not gw.server.last_reload.ok
+    assert any("must sum to 100" in error for error in gw.server.last_reload.errors)
+    assert any(str(gw.rules_path) in error for error in gw.server.last_reload.errors)
+    assert result.failures == []
+    assert {r.headers[UPSTREAM] for r in result.replies} == {b"monolith"}
+
+
+@ensure
+async def test_ramp_by_rule_edits_under_load_loses_nothing_and_keeps_users_moved(
+    backends, gateway
+):
+    """The traffic-shifting acceptance: 0 -> 1 -> 10 -> 50 -> 100 while load runs."""
+    mono, users = backends("monolith"), backends("users")
+    gw = gateway(split_rules(mono.url, users.url, 0, sticky=STICKY))
+    keys = 400
+    history: dict[int, list[bytes]] = {}
+    failures: list[str] = []
+    ramp_done = False
+    background = run_load(
+        gw.port,
+        lambda i: get(f"/api/v1/users/{i}", {"X-User-Id": f"bg{i % 97}"}),
+        1_000_000,
+        workers=4,
+        until=lambda: ramp_done,
+    )
+
+    for weight in (0, 1, 10, 50, 100):
+        gw.rules_path.write_text(split_rules(mono.url, users.url, weight, sticky=STICKY))
+        reloaded = gw.server.reload()
+        assert reloaded.ok, reloaded.errors
+        result = await run_load(
+            gw.port,
+            lambda i: get("/api/v1/users", {"X-User-Id": f"k{i % keys}"}),
+            keys * 3,
+            workers=8,
+        )
+        failures += result.failures
+        assert {r.status for r in result.replies} == {200}
+        for reply in result.replies:
+            history.setdefault(reply.index % keys, []).append(reply.headers[UPSTREAM])
+        on_users = {r.index % keys for r in result.replies if r.headers[UPSTREAM] == b"users"}
+        assert abs(len(on_users) / keys * 100 - weight) <= 6
+
+    ramp_done = True
+    steady = await background
+    assert steady.failures == []
+    assert len(steady.replies) > 100
+    assert {r.status for r in steady.replies} == {200}
+    assert failures == []
+    for key, seen in history.items():
+        first_users = seen.index(b"users") if b"users" in seen else len(seen)
+        assert all(upstream == b"users" for upstream in seen[first_users:]), key
