@@ -17,6 +17,7 @@ from strangler.balancing import TargetState, make_balancer
 from strangler.health import HealthChecker
 from strangler.metrics import Metrics
 from strangler.model import Route, Rules, SplitEntry, Sticky, Upstream
+from strangler.proxy.hooks import RequestGate, ShadowSource
 from strangler.proxy.upstream import TargetPool
 from strangler.routing import Router
 from strangler.runtime_weights import (
@@ -91,6 +92,7 @@ class RoutePlan:
     override_header: bytes | None
     by_upstream: dict[str, int] = field(default_factory=dict)
     weight_source: str = "rules"
+    shadow: ShadowSource | None = None
 
     def rule_weights(self) -> dict[str, float]:
         """The weights the rule file gives this route's split."""
@@ -119,6 +121,7 @@ class GatewayState:
         self.runtime = runtime if runtime is not None else RuntimeWeights()
         self.router = Router(rules.routes)
         self.upstreams = self._bind_upstreams(rules, reactor, previous)
+        self.gate: RequestGate | None = None
         self.plans = {route.name: self._plan(route) for route in rules.routes}
         default_entry = SplitEntry(to=rules.default)
         self.default_plan = RoutePlan(

@@ -15,11 +15,14 @@ import time
 from typing import TYPE_CHECKING
 
 import httptools
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
 import structlog
 
 from strangler.errors import ResponseTransformError, UpstreamConnectError, UpstreamError
 from strangler.proxy import headers as hdr
+from strangler.proxy.hooks import ShadowTap, Verdict
 from strangler.proxy.responses import error_response
 from strangler.stickiness import new_cookie_key, set_cookie_header, sticky_key
 from strangler.transforms import TransformError
@@ -74,6 +77,8 @@ class Exchange:
         "bytes_in",
         "bytes_out",
         "client",
+        "consumer",
+        "extra_response_headers",
         "conn",
         "content_length",
         "decision",
@@ -107,6 +112,7 @@ class Exchange:
         "started_at",
         "state",
         "status",
+        "tap",
         "target",
         "upgrade",
         "upstream_target",
@@ -166,6 +172,9 @@ class Exchange:
         self.request_buffer: list[bytes] | None = None
         self.response_buffer: list[bytes] | None = None
         self.response_saved: tuple[int, bytes, hdr.Headers] | None = None
+        self.consumer: str | None = None
+        self.extra_response_headers: list[tuple[bytes, bytes]] | None = None
+        self.tap: ShadowTap | None = None
 
     # -- the request ------------------------------------------------------------
 
@@ -175,7 +184,50 @@ class Exchange:
         if head is None:
             return
         self.head_bytes = head
-        assert self.branch is not None
+        gate = self.state.gate
+        if gate is not None:
+            verdict = gate.check(self)
+            if isinstance(verdict, Deferred):
+                verdict.addCallback(self._gate_decided)
+                verdict.addErrback(self._gate_broke)
+                return
+            if not self._apply_verdict(verdict):
+                return
+        self._proceed()
+
+    def _gate_decided(self, verdict: Verdict) -> None:
+        if not self.finished and self._apply_verdict(verdict):
+            self._proceed()
+
+    def _gate_broke(self, failure: Failure) -> None:
+        log.error("gate_failed", request_id=self.request_id, error=failure.getErrorMessage())
+        if not self.finished:
+            self.reject(503, "gate_unavailable", "the request could not be checked")
+
+    def _apply_verdict(self, verdict: Verdict) -> bool:
+        """Refuse the request, or add the identity headers the gate vouches for."""
+        self.consumer = verdict.consumer
+        if not verdict.allowed:
+            self.reject(
+                verdict.status, verdict.error, verdict.message, verdict.response_headers
+            )
+            return False
+        if verdict.strip or verdict.upstream_headers:
+            kept = [e for e in self.kept if e[0] not in verdict.strip]
+            for name, value in verdict.upstream_headers:
+                kept.append((name.lower(), name, value))
+            self.kept = kept
+            self.head_bytes = self._render_head()
+        if verdict.response_headers:
+            self.extra_response_headers = verdict.response_headers
+        return True
+
+    def _proceed(self) -> None:
+        """Past the gate: start a shadow copy, then transform or send."""
+        plan = self.plan
+        assert plan is not None and self.branch is not None
+        if plan.shadow is not None:
+            self.tap = plan.shadow.tap(self)
         transform = self.branch.entry.transform
         if transform is not None and transform.response is not None:
             # The body must arrive uncompressed to be converted.
@@ -280,6 +332,7 @@ class Exchange:
             self.reject(400, "bad_request", problem)
             return None
         if self.method == b"CONNECT":
+            self.keep_alive = False
             self.reject(405, "method_not_allowed", "CONNECT is not proxied")
             return None
         if not self._split_target():
@@ -415,6 +468,8 @@ class Exchange:
         self.bytes_in += len(data)
         if self.finished:
             return
+        if self.tap is not None:
+            self.tap.request_body(data)
         buffer = self.request_buffer
         if buffer is not None:
             buffer.append(data)
@@ -448,6 +503,8 @@ class Exchange:
         if self.finished:
             self.client.exchange_done(self)
             return
+        if self.tap is not None:
+            self.tap.request_complete()
         if self.request_buffer is not None:
             self._transform_request()
             return
@@ -518,6 +575,8 @@ class Exchange:
         self, status: int, reason: bytes, headers: hdr.Headers, no_body: bool
     ) -> None:
         self.response_started = True
+        if self.tap is not None:
+            self.tap.primary_head(status, headers)
         upstream_length = None
         upstream_chunked = False
         parts = [b"HTTP/1.1 %d " % status, reason, _CRLF]
@@ -558,6 +617,9 @@ class Exchange:
             parts += (b"X-Strangler-Upstream: ", self.branch.entry.to.encode(), _CRLF)
         if self.set_cookie is not None:
             parts += (self.set_cookie[0], b": ", self.set_cookie[1], _CRLF)
+        if self.extra_response_headers is not None:
+            for name, value in self.extra_response_headers:
+                parts += (name, b": ", value, _CRLF)
         parts.append(_CRLF)
         transport = self.client.transport
         transport.write(b"".join(parts))
@@ -582,6 +644,8 @@ class Exchange:
                 )
             return
         self.bytes_out += len(data)
+        if self.tap is not None:
+            self.tap.primary_body(data)
         if self.response_chunked:
             self.client.transport.writeSequence((b"%x\r\n" % len(data), data, _CRLF))
         else:
@@ -632,6 +696,8 @@ class Exchange:
         self._write_response_head(status, reason, headers, False)
         self.bytes_out += len(converted)
         self.client.transport.write(converted)
+        if self.tap is not None:
+            self.tap.primary_body(converted)
         self._finish()
 
     def upstream_failed(self, error: UpstreamError, retryable: bool) -> None:
@@ -683,15 +749,36 @@ class Exchange:
 
     # -- the end --------------------------------------------------------------
 
-    def reject(self, status: int, error: str, message: str) -> None:
-        """Answer the client directly, without contacting any upstream."""
+    def reject(
+        self,
+        status: int,
+        error: str,
+        message: str,
+        extra_headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        """Answer the client directly, without contacting any upstream.
+
+        The connection stays open when the request was read whole, so a
+        refused request does not cost a well-behaved client its connection.
+        """
         self.status = status
         self.error = error
-        self.keep_alive = False
+        if not self.request_done or status in (400, 408, 413, 414, 431):
+            self.keep_alive = False
         if not self.request_id:
             self.request_id = hdr.new_request_id()
+        tap, self.tap = self.tap, None
+        if tap is not None:
+            tap.primary_failed()
         self.client.transport.write(
-            error_response(status, error, message, self.request_id, close=True)
+            error_response(
+                status,
+                error,
+                message,
+                self.request_id,
+                close=not self.keep_alive,
+                extra_headers=extra_headers,
+            )
         )
         self._finish()
 
@@ -703,6 +790,9 @@ class Exchange:
         if conn is not None:
             conn.abort()
         self._release_target()
+        tap, self.tap = self.tap, None
+        if tap is not None:
+            tap.primary_failed()
         if not self.status or not self.response_started:
             self.status = 499
         self.error = self.error or "client_closed"
@@ -730,6 +820,12 @@ class Exchange:
 
     def _finish(self) -> None:
         self.finished = True
+        tap, self.tap = self.tap, None
+        if tap is not None:
+            if self.response_started and not self.error:
+                tap.primary_complete()
+            else:
+                tap.primary_failed()
         self._record()
         if not self.request_done:
             self.keep_alive = False
@@ -770,6 +866,7 @@ class Exchange:
                 "bytes_in": self.bytes_in,
                 "bytes_out": self.bytes_out,
                 "client": self.client.peer_host,
+                "consumer": self.consumer,
                 "error": self.error or None,
             }
         )
