@@ -68,12 +68,28 @@ class TargetState:
     any collection of them.
     """
 
-    __slots__ = ("active", "available", "target")
+    __slots__ = (
+        "active",
+        "available",
+        "ejected",
+        "ejections",
+        "failures_in_a_row",
+        "healthy",
+        "target",
+    )
 
     def __init__(self, target: Target, active: int = 0, available: bool = True) -> None:
         self.target = target
         self.active = active
         self.available = available
+        self.healthy = available
+        self.ejected = False
+        self.ejections = 0
+        self.failures_in_a_row = 0
+
+    def refresh(self) -> None:
+        """Recompute `available` from the health check and the ejection state."""
+        self.available = self.healthy and not self.ejected
 
     def __repr__(self) -> str:
         return (

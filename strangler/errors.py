@@ -42,6 +42,8 @@ class UpstreamError(StranglerError):
 
     status = 502
     reason = "bad_gateway"
+    retry_kind = "connect"
+    counts_as_failure = True
 
 
 class UpstreamConnectError(UpstreamError):
@@ -55,6 +57,15 @@ class UpstreamTimeout(UpstreamError):
 
     status = 504
     reason = "upstream_timeout"
+    retry_kind = "timeout"
+
+
+class UpstreamBadStatus(UpstreamError):
+    """The upstream answered 5xx and neither a retry nor a fallback could help."""
+
+    reason = "upstream_error"
+    retry_kind = "5xx"
+    counts_as_failure = False
 
 
 class UpstreamProtocolError(UpstreamError):
@@ -73,3 +84,5 @@ class ResponseTransformError(UpstreamError):
     """The upstream's response could not be converted for the client."""
 
     reason = "response_transform_failed"
+    retry_kind = "none"
+    counts_as_failure = False

@@ -9,17 +9,20 @@ whole into the new state, with their connection pools, health and counters.
 from __future__ import annotations
 
 import random
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from strangler.balancing import TargetState, make_balancer
 from strangler.health import HealthChecker
+from strangler.outlier import OutlierDetector
 from strangler.metrics import Metrics
 from strangler.model import Route, Rules, SplitEntry, Sticky, Upstream
 from strangler.proxy.hooks import RequestGate, ShadowSource
 from strangler.proxy.upstream import TargetPool
 from strangler.routing import Router
+from strangler.retry_budget import RetryBudget
 from strangler.runtime_weights import (
     RuntimeWeights,
     WeightError,
@@ -46,6 +49,41 @@ class UpstreamRuntime:
         if model.health is not None:
             self.health = HealthChecker(model.name, model.health, self.states, reactor)
             self.health.start()
+        self.outlier = OutlierDetector(model.name, model.outlier, self.states, reactor)
+        self.retry_budget = RetryBudget(reactor)
+        self.in_flight = 0
+        self.waiting: deque[Any] = deque()
+        self.fallbacks = 0
+        self.overflows = 0
+
+    def admit(self, exchange: Any) -> bool:
+        """Circuit breaking: True to go ahead now, False when queued or refused.
+
+        Past `max_connections` requests in flight a request waits in a queue
+        of at most `max_pending`; past that `exchange.overloaded()` answers
+        503 at once rather than queuing without bound.
+        """
+        limit = self.model.max_connections
+        if limit is None or self.in_flight < limit:
+            self.in_flight += 1
+            return True
+        pending = self.model.max_pending
+        if pending is not None and len(self.waiting) < pending:
+            self.waiting.append(exchange)
+            return False
+        self.overflows += 1
+        exchange.overloaded(self.name)
+        return False
+
+    def leave(self) -> None:
+        """A request finished with this upstream; let a waiting one in."""
+        self.in_flight -= 1
+        while self.waiting:
+            exchange = self.waiting.popleft()
+            if not exchange.finished:
+                self.in_flight += 1
+                exchange.admitted()
+                return
 
     def pick(
         self, client_ip: str | None, exclude: tuple[TargetState, ...] = ()
@@ -57,6 +95,7 @@ class UpstreamRuntime:
     def close(self) -> None:
         if self.health is not None:
             self.health.stop()
+        self.outlier.stop()
         for pool in self.pools.values():
             pool.close_idle()
 
@@ -78,6 +117,7 @@ class Branch:
     upstream: UpstreamRuntime
     timeout: float
     connect_timeout: float
+    idle_timeout: float
 
 
 @dataclass(slots=True)
@@ -93,6 +133,7 @@ class RoutePlan:
     by_upstream: dict[str, int] = field(default_factory=dict)
     weight_source: str = "rules"
     shadow: ShadowSource | None = None
+    fallbacks: dict[str, Branch] = field(default_factory=dict)
 
     def rule_weights(self) -> dict[str, float]:
         """The weights the rule file gives this route's split."""
@@ -168,6 +209,9 @@ class GatewayState:
                 upstream.model.connect_timeout,
                 rules.connect_timeout,
             ),
+            idle_timeout=_first(
+                entry.idle_timeout, upstream.model.idle_timeout, rules.timeout
+            ),
         )
 
     def _plan(self, route: Route) -> RoutePlan:
@@ -201,7 +245,24 @@ class GatewayState:
             ),
             by_upstream={b.entry.to: i for i, b in enumerate(branches)},
             weight_source=source,
+            fallbacks=self._fallbacks(route, branches),
         )
+
+    def _fallbacks(self, route: Route, branches: tuple[Branch, ...]) -> dict[str, Branch]:
+        """For each branch with a `fallback`, the branch that serves instead.
+
+        The fallback upstream's own branch in the same split is used when there
+        is one, so it gets its own rewrite and transform; otherwise the request
+        goes to it as the client sent it.
+        """
+        found = {}
+        own = {b.entry.to: b for b in branches}
+        for branch in branches:
+            name = branch.entry.fallback
+            if name is None:
+                continue
+            found[branch.entry.to] = own.get(name) or self._branch(SplitEntry(to=name))
+        return found
 
     def set_weights(
         self, route_name: str, requested: dict[str, object], at: float, by: str

@@ -36,18 +36,21 @@ class TargetHealth:
 
     def record(self, ok: bool, check: HealthCheck, error: str = "") -> bool | None:
         """Count one probe; returns the new availability when it changes."""
+        state = self.state
         if ok:
             self.successes += 1
             self.failures = 0
-            if not self.state.available and self.successes >= check.healthy_after:
-                self.state.available = True
+            if not state.healthy and self.successes >= check.healthy_after:
+                state.healthy = True
+                state.refresh()
                 return True
             return None
         self.failures += 1
         self.successes = 0
         self.last_error = error
-        if self.state.available and self.failures >= check.unhealthy_after:
-            self.state.available = False
+        if state.healthy and self.failures >= check.unhealthy_after:
+            state.healthy = False
+            state.refresh()
             return False
         return None
 

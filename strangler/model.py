@@ -68,6 +68,15 @@ class HealthCheck:
 
 
 @dataclass(frozen=True, slots=True)
+class Outlier:
+    """Passive ejection: a target failing in a row leaves rotation for a while."""
+
+    consecutive_failures: int = 5
+    base_ejection: float = 30.0
+    max_ejection_percent: float = 50.0
+
+
+@dataclass(frozen=True, slots=True)
 class Upstream:
     """A named pool of targets and how to balance across them."""
 
@@ -77,6 +86,10 @@ class Upstream:
     health: HealthCheck | None = None
     timeout: float | None = None
     connect_timeout: float | None = None
+    idle_timeout: float | None = None
+    outlier: Outlier = field(default_factory=Outlier)
+    max_connections: int | None = None
+    max_pending: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +138,7 @@ class SplitEntry:
     timeout: float | None = None
     connect_timeout: float | None = None
     fallback: str | None = None
+    idle_timeout: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +201,19 @@ class Match:
 
 
 @dataclass(frozen=True, slots=True)
+class Retries:
+    """When a request that reached an upstream may be sent again.
+
+    Connection failures before any byte was sent are always retried on
+    another target; these settings add retries after sending, for
+    idempotent methods only.
+    """
+
+    attempts: int = 1
+    retry_on: tuple[str, ...] = ("connect",)
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     """A named rule: what it matches and where matching requests go.
 
@@ -201,6 +228,7 @@ class Route:
     sticky: Sticky | None = None
     override: Override | None = None
     shadow: Shadow | None = None
+    retries: Retries | None = None
     line: int = 0
 
 

@@ -37,7 +37,9 @@ from strangler.model import (
     HealthCheck,
     Limits,
     Match,
+    Outlier,
     Override,
+    Retries,
     Rewrite,
     Route,
     Rules,
@@ -69,7 +71,7 @@ _ADDRESS = re.compile(r"(?:\[(?P<v6>[^\]]*)\]|(?P<host>[A-Za-z0-9_.-]+)):(?P<por
 _GROUP_REF = re.compile(r"\\(?:g<([^>]*)>|(\d+))")
 
 # Route keys that apply to every split entry that does not set its own.
-_FOLDED = ("rewrite", "transform", "timeout", "connect_timeout")
+_FOLDED = ("rewrite", "transform", "timeout", "connect_timeout", "idle_timeout")
 
 Reader = Callable[["_Checker", Any, KeyPath], Any]
 
@@ -525,12 +527,28 @@ def _health(checker: _Checker, value: Any, path: KeyPath) -> HealthCheck | None:
     return HealthCheck(**values) if values is not None else None
 
 
+_OUTLIER = {
+    "consecutive_failures": _whole_number(1),
+    "base_ejection": _duration,
+    "max_ejection_percent": _percent,
+}
+
+
+def _outlier(checker: _Checker, value: Any, path: KeyPath) -> Outlier | None:
+    values = checker.fields(value, path, _OUTLIER)
+    return Outlier(**values) if values is not None else None
+
+
 _UPSTREAM = {
     "targets": _list_of(_target, non_empty=True),
     "balance": _choice(BALANCE_NAMES),
     "health": _health,
     "timeout": _duration,
     "connect_timeout": _duration,
+    "idle_timeout": _duration,
+    "outlier": _outlier,
+    "max_connections": _whole_number(1),
+    "max_pending": _whole_number(0),
 }
 
 
@@ -664,6 +682,7 @@ _SPLIT_ENTRY = {
     "timeout": _duration,
     "connect_timeout": _duration,
     "fallback": _upstream_ref,
+    "idle_timeout": _duration,
 }
 
 
@@ -773,6 +792,18 @@ def _shadow(checker: _Checker, value: Any, path: KeyPath) -> Shadow | None:
     return Shadow(**values) if values is not None else None
 
 
+_RETRY_ON = ("connect", "5xx", "timeout")
+_RETRIES = {
+    "attempts": _whole_number(0),
+    "retry_on": _list_of(_choice(_RETRY_ON), non_empty=True),
+}
+
+
+def _retries(checker: _Checker, value: Any, path: KeyPath) -> Retries | None:
+    values = checker.fields(value, path, _RETRIES)
+    return Retries(**values) if values is not None else None
+
+
 # Routes.
 
 _ROUTE = {
@@ -787,6 +818,8 @@ _ROUTE = {
     "transform": _transform,
     "timeout": _duration,
     "connect_timeout": _duration,
+    "idle_timeout": _duration,
+    "retries": _retries,
 }
 
 

@@ -221,10 +221,6 @@ def inactive_features(rules: Rules) -> list[tuple[str, str]]:
     for route in rules.routes:
         if route.shadow is not None:
             found.append((route.name, "shadow"))
-        for entry in route.split:
-            if entry.fallback is not None:
-                found.append((route.name, "fallback"))
-                break
     return found
 
 

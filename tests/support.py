@@ -34,6 +34,7 @@ class EchoResource(resource.Resource):
         super().__init__()
         self.name = name
         self.requests: list[dict[str, Any]] = []
+        self.fail_with: int | None = None
 
     def render(self, request: server.Request) -> Any:
         path = request.uri.split(b"?")[0]
@@ -52,6 +53,9 @@ class EchoResource(resource.Resource):
         }
         self.requests.append(seen)
         request.setHeader(b"X-Served-By", self.name.encode())
+        if self.fail_with is not None:
+            request.setResponseCode(self.fail_with)
+            return b'{"error": "failing on purpose"}'
         if path.startswith(b"/status/"):
             request.setResponseCode(int(path.rsplit(b"/", 1)[1]))
             if request.code in (204, 304):
@@ -71,6 +75,12 @@ class EchoResource(resource.Resource):
         elif path == b"/download":
             size = int(request.args[b"bytes"][0])
             return self._stream(request, size)
+        elif path == b"/hang":
+            return server.NOT_DONE_YET
+        elif path == b"/stall":
+            request.setHeader(b"Content-Length", b"100")
+            request.write(b"partial")
+            return server.NOT_DONE_YET
         elif path == b"/slow":
             delay = int(request.args[b"ms"][0]) / 1000
             call = reactor.callLater(delay, self._finish_slow, request, seen)
@@ -121,22 +131,59 @@ class _BlockProducer:
         self.done = True
 
 
+class _TrackingSite(server.Site):
+    """A Site that remembers its connections so a test can kill them."""
+
+    noisy = False
+
+    def __init__(self, root: resource.Resource) -> None:
+        super().__init__(root)
+        self.connections: list[Any] = []
+
+    def buildProtocol(self, addr: Any) -> Any:
+        conn = super().buildProtocol(addr)
+        self.connections.append(conn)
+        return conn
+
+    def log(self, request: server.Request) -> None:
+        """Backends in tests keep quiet."""
+
+
 class Backend:
     """A running echo backend."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, port: int = 0) -> None:
         self.resource = EchoResource(name)
-        site = server.Site(self.resource)
-        site.noisy = False
-        site.log = lambda _request: None  # type: ignore[method-assign]
-        self.port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.site = _TrackingSite(self.resource)
+        self.port = reactor.listenTCP(port, self.site, interface="127.0.0.1")
         self.url = f"http://127.0.0.1:{self.port.getHost().port}"
+        self.killed = False
+
+    def kill(self) -> defer.Deferred[None]:
+        """Die like a crashed process: stop listening and reset every connection."""
+        self.killed = True
+        for conn in self.site.connections:
+            transport = getattr(conn, "transport", None)
+            if transport is not None:
+                transport.abortConnection()
+        return defer.maybeDeferred(self.port.stopListening)
 
     @property
     def requests(self) -> list[dict[str, Any]]:
         return self.resource.requests
 
+    @property
+    def fail_with(self) -> int | None:
+        """When set, every request is answered with this status."""
+        return self.resource.fail_with
+
+    @fail_with.setter
+    def fail_with(self, status: int | None) -> None:
+        self.resource.fail_with = status
+
     def stop(self) -> defer.Deferred[None]:
+        if self.killed:
+            return defer.succeed(None)
         return defer.maybeDeferred(self.port.stopListening)
 
 

@@ -446,11 +446,12 @@ def test_unknown_key_suggests_the_closest_and_lists_the_allowed() -> None:
         splt: []
         to: users
     """)
-    assert problems(text) == [
+    (problem,) = problems(text)
+    assert problem.startswith(
         "rules/demo.yaml:9: routes[0].splt: unknown key 'splt' (did you mean "
         "'split'?); allowed keys: name, match, to, split, sticky, override, shadow, "
         "rewrite, transform, timeout, connect_timeout"
-    ]
+    )
 
 
 def test_unknown_key_without_a_close_match_only_lists_the_allowed() -> None:

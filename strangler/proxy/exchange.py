@@ -20,7 +20,12 @@ from twisted.python.failure import Failure
 
 import structlog
 
-from strangler.errors import ResponseTransformError, UpstreamConnectError, UpstreamError
+from strangler.errors import (
+    ResponseTransformError,
+    UpstreamBadStatus,
+    UpstreamConnectError,
+    UpstreamError,
+)
 from strangler.proxy import headers as hdr
 from strangler.proxy.hooks import ShadowTap, Verdict
 from strangler.proxy.responses import error_response
@@ -30,7 +35,7 @@ from strangler.transforms.xml_json import TRANSFORMS, content_type_for
 
 if TYPE_CHECKING:
     from strangler.balancing import TargetState
-    from strangler.gateway import Branch, GatewayState, RoutePlan
+    from strangler.gateway import Branch, GatewayState, RoutePlan, UpstreamRuntime
     from strangler.proxy.downstream import ClientConnection
     from strangler.proxy.upstream import TargetPool, UpstreamConnection
 
@@ -40,6 +45,7 @@ PENDING_PAUSE = 64 * 1024
 _CRLF = b"\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
 _NO_BODY_STATUS = frozenset({204, 304})
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 _DROP_FROM_RESPONSE = frozenset({b"x-request-id"})
 _PASS_ON_101 = frozenset({b"upgrade", b"connection"})
 _REPLACED_BY_TRANSFORM = frozenset(
@@ -75,6 +81,7 @@ class Exchange:
         "body_kind",
         "branch",
         "bytes_in",
+        "attempts",
         "bytes_out",
         "client",
         "consumer",
@@ -85,7 +92,9 @@ class Exchange:
         "error",
         "failed_targets",
         "finished",
+        "fell_back_from",
         "forwarded",
+        "holding",
         "kept",
         "request_buffer",
         "response_buffer",
@@ -108,6 +117,7 @@ class Exchange:
         "response_chunked",
         "response_started",
         "retried_stale",
+        "retries_used",
         "set_cookie",
         "started_at",
         "state",
@@ -175,6 +185,10 @@ class Exchange:
         self.consumer: str | None = None
         self.extra_response_headers: list[tuple[bytes, bytes]] | None = None
         self.tap: ShadowTap | None = None
+        self.attempts = 0
+        self.retries_used = 0
+        self.holding: UpstreamRuntime | None = None
+        self.fell_back_from: str | None = None
 
     # -- the request ------------------------------------------------------------
 
@@ -451,8 +465,16 @@ class Exchange:
         return branches[splitter.pick_random()]
 
     def _send_to_target(self) -> None:
+        """Take a slot on the branch's upstream (circuit breaking), then a target."""
+        assert self.branch is not None
+        if self.branch.upstream.admit(self):
+            self.admitted()
+
+    def admitted(self) -> None:
+        """A slot on the upstream is ours: pick a target and get a connection."""
         branch = self.branch
         assert branch is not None
+        self.holding = branch.upstream
         try:
             self.target, self.pool = branch.upstream.pick(
                 self.client.peer_host, self.failed_targets
@@ -461,7 +483,19 @@ class Exchange:
             self.upstream_failed(exc, False)
             return
         self.target.active += 1
+        if not self.attempts:
+            branch.upstream.retry_budget.deposit()
+        self.attempts += 1
         self.pool.acquire(self, branch.connect_timeout)
+
+    def overloaded(self, upstream: str) -> None:
+        """The upstream is at `max_connections` with a full queue: 503 now."""
+        self.reject(
+            503,
+            "upstream_overloaded",
+            f"upstream {upstream} is at its connection limit",
+            [(b"Retry-After", b"1")],
+        )
 
     def request_body(self, data: bytes) -> None:
         """A piece of the client's body (already de-chunked by the parser)."""
@@ -539,7 +573,9 @@ class Exchange:
             self.pending_size = 0
             self.client.resume_reading(self.client.PAUSE_BUFFER)
         assert self.branch is not None
-        conn.send(self, data, self.branch.timeout, self.method == b"HEAD")
+        conn.send(
+            self, data, self.branch.timeout, self.branch.idle_timeout, self.method == b"HEAD"
+        )
         if not self.request_done:
             conn.transport.registerProducer(self.client, True)
 
@@ -555,6 +591,16 @@ class Exchange:
         """Write the client's status line and headers, choosing the framing."""
         if self.finished:
             return
+        branch = self.branch
+        if branch is not None and self.target is not None:
+            if status >= 500:
+                branch.upstream.outlier.failure(self.target)
+                retry = self._may_retry("5xx")
+                if retry or self._can_fall_back():
+                    self._discard_and_retry(status, retry)
+                    return
+            else:
+                branch.upstream.outlier.success(self.target)
         self.status = status
         no_body = (
             self.method == b"HEAD" or status in _NO_BODY_STATUS or status == 101
@@ -570,6 +616,37 @@ class Exchange:
             self.response_buffer = []
             return
         self._write_response_head(status, reason, headers, no_body)
+
+    def _can_fall_back(self) -> bool:
+        plan, branch = self.plan, self.branch
+        return (
+            plan is not None
+            and branch is not None
+            and branch.entry.to in plan.fallbacks
+            and self.fell_back_from is None
+            and self.method in IDEMPOTENT
+            and self._can_replay()
+            and (self.body_kind == NO_BODY or branch.entry.transform is None)
+        )
+
+    def _discard_and_retry(self, status: int, retry: bool) -> None:
+        """Drop a 5xx answer unseen and try again (policy retry or fallback)."""
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.abort()
+        failed = self.target
+        self._release_target()
+        if retry:
+            assert self.branch is not None
+            if failed is not None and len(self.failed_targets) + 1 < len(
+                self.branch.upstream.states
+            ):
+                self.failed_targets = (*self.failed_targets, failed)
+            self.retries_used += 1
+            self._send_to_target()
+            return
+        if not self._fall_back("5xx"):
+            self._answer_error(UpstreamBadStatus(f"upstream answered {status}"))
 
     def _write_response_head(
         self, status: int, reason: bytes, headers: hdr.Headers, no_body: bool
@@ -701,25 +778,103 @@ class Exchange:
         self._finish()
 
     def upstream_failed(self, error: UpstreamError, retryable: bool) -> None:
-        """The upstream could not finish; retry, answer 502/504, or cut the client."""
+        """The upstream could not finish: retry, fall back, answer 502/504, or cut."""
         if self.finished:
             return
         conn, self.conn = self.conn, None
         if conn is not None and conn.transport.producer is self.client:
             conn.transport.unregisterProducer()
         failed_target = self.target
+        branch = self.branch
+        if failed_target is not None and branch is not None and error.counts_as_failure:
+            branch.upstream.outlier.failure(failed_target)
         self._release_target()
-        if retryable and not self.response_started and self._can_replay():
-            assert self.branch is not None
-            if isinstance(error, UpstreamConnectError) and failed_target is not None:
-                self.failed_targets = (*self.failed_targets, failed_target)
-                if len(self.failed_targets) < len(self.branch.upstream.states):
+        if not self.response_started and branch is not None:
+            if self._retry_after(error, retryable, failed_target):
+                return
+            if self._fall_back(error.retry_kind):
+                return
+        self._answer_error(error)
+
+    def _retry_after(
+        self, error: UpstreamError, unsent: bool, failed: TargetState | None
+    ) -> bool:
+        """Try again when it is safe: unsent requests always, others by policy."""
+        assert self.branch is not None
+        upstream = self.branch.upstream
+        if unsent and self._can_replay():
+            if isinstance(error, UpstreamConnectError) and failed is not None:
+                # Nothing was sent, so another target costs the failed one nothing:
+                # these retries are bounded by the target count, not the budget.
+                self.failed_targets = (*self.failed_targets, failed)
+                if len(self.failed_targets) < len(upstream.states):
                     self._send_to_target()
-                    return
-            elif not self.retried_stale:
+                    return True
+                return False
+            if not self.retried_stale:
                 self.retried_stale = True
                 self._send_to_target()
-                return
+                return True
+        if self._may_retry(error.retry_kind):
+            if failed is not None and len(self.failed_targets) + 1 < len(upstream.states):
+                self.failed_targets = (*self.failed_targets, failed)
+            self.retries_used += 1
+            self._send_to_target()
+            return True
+        return False
+
+    def _may_retry(self, kind: str) -> bool:
+        """Policy retries: configured, idempotent, replayable, and within budget."""
+        plan = self.plan
+        assert plan is not None and self.branch is not None
+        policy = plan.route.retries if plan.route is not None else None
+        return (
+            policy is not None
+            and kind in policy.retry_on
+            and self.retries_used < policy.attempts
+            and self.method in IDEMPOTENT
+            and self._can_replay()
+            and self.branch.upstream.retry_budget.spend()
+        )
+
+    def _fall_back(self, kind: str) -> bool:
+        """Serve an idempotent request from the branch's `fallback` upstream."""
+        plan = self.plan
+        branch = self.branch
+        assert plan is not None and branch is not None
+        fallback = plan.fallbacks.get(branch.entry.to)
+        if (
+            fallback is None
+            or self.fell_back_from is not None
+            or kind not in ("connect", "timeout", "5xx")
+            or self.method not in IDEMPOTENT
+            or not self._can_replay()
+            or (self.body_kind != NO_BODY and branch.entry.transform is not None)
+        ):
+            return False
+        branch.upstream.fallbacks += 1
+        self.fell_back_from = branch.entry.to
+        log.warning(
+            "fallback_served",
+            request_id=self.request_id,
+            route=plan.name,
+            failed=branch.entry.to,
+            fallback=fallback.entry.to,
+            reason=kind,
+        )
+        self.branch = fallback
+        self.failed_targets = ()
+        self.decision = "fallback"
+        path = self.path
+        if fallback.entry.rewrite is not None:
+            path = fallback.entry.rewrite.apply(path)
+        target = path.encode("latin-1")
+        self.upstream_target = target + b"?" + self.query if self.query else target
+        self.head_bytes = self._render_head()
+        self._send_to_target()
+        return True
+
+    def _answer_error(self, error: UpstreamError) -> None:
         self.error = error.reason
         if self.response_started:
             self.keep_alive = False
@@ -817,6 +972,10 @@ class Exchange:
         if target is not None:
             target.active -= 1
             self.target = None
+        holding = self.holding
+        if holding is not None:
+            self.holding = None
+            holding.leave()
 
     def _finish(self) -> None:
         self.finished = True
@@ -867,6 +1026,7 @@ class Exchange:
                 "bytes_out": self.bytes_out,
                 "client": self.client.peer_host,
                 "consumer": self.consumer,
+                "fallback_from": self.fell_back_from,
                 "error": self.error or None,
             }
         )

@@ -67,20 +67,39 @@ class UpstreamConnection(protocol.Protocol):
         self._stopped_for_head = False
         self.connecting: _Connecting | None = None
         self.paused = False
+        self.aborted = False
+        self.head_received = False
+        self.idle_timeout = 0.0
+        self.last_data = 0.0
 
     # -- driven by the exchange -------------------------------------------
 
-    def send(self, user: UpstreamUser, data: bytes, timeout: float, head: bool) -> None:
-        """Start one exchange: write the request head (and any body so far)."""
+    def send(
+        self,
+        user: UpstreamUser,
+        data: bytes,
+        timeout: float,
+        idle_timeout: float,
+        head: bool,
+    ) -> None:
+        """Start one exchange: write the request head (and any body so far).
+
+        One timer per exchange covers both limits: until the response head
+        it is the `timeout`; after it, the `idle_timeout` between body
+        chunks, checked lazily against the time of the last bytes received.
+        """
         self.user = user
         self.response_started = False
+        self.head_received = False
         self.expect_no_body = head
+        self.idle_timeout = idle_timeout
         self.transport.write(data)
         self._timer = self.pool.reactor.callLater(timeout, self._timed_out)
 
     def abort(self) -> None:
         """Drop the connection at once; it is never reused after this."""
         self.user = None
+        self.aborted = True
         self._cancel_timer()
         self.transport.abortConnection()
 
@@ -119,6 +138,8 @@ class UpstreamConnection(protocol.Protocol):
             self.transport.abortConnection()
             return
         self.response_started = True
+        if self.head_received:
+            self.last_data = self.pool.reactor.seconds()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -170,7 +191,11 @@ class UpstreamConnection(protocol.Protocol):
         if 100 <= status < 200 and status != 101:
             user.informational(status, self._reason, self._headers)
             return
-        self._cancel_timer()
+        self.head_received = True
+        self.last_data = self.pool.reactor.seconds()
+        timer = self._timer
+        if timer is not None and timer.active():
+            timer.reset(self.idle_timeout)
         user.response_head(status, self._reason, self._headers)
         if self.expect_no_body and status != 101:
             self._stopped_for_head = True
@@ -190,6 +215,9 @@ class UpstreamConnection(protocol.Protocol):
     # -- internals ------------------------------------------------------------
 
     def _finish(self, keep_alive: bool) -> None:
+        if self.aborted:
+            return
+        self._cancel_timer()
         user, self.user = self.user, None
         if keep_alive:
             self.pool.release(self)
@@ -206,7 +234,16 @@ class UpstreamConnection(protocol.Protocol):
 
     def _timed_out(self) -> None:
         self._timer = None
-        self._fail(UpstreamTimeout("upstream did not answer in time"))
+        if self.user is None:
+            return
+        if not self.head_received:
+            self._fail(UpstreamTimeout("upstream did not answer in time"))
+            return
+        remaining = self.last_data + self.idle_timeout - self.pool.reactor.seconds()
+        if remaining > 0:
+            self._timer = self.pool.reactor.callLater(remaining, self._timed_out)
+            return
+        self._fail(UpstreamTimeout("upstream stopped sending the response body"))
 
     def _fail(self, error: UpstreamError) -> None:
         user, self.user = self.user, None

@@ -1,0 +1,1 @@
+"""The admin API: its web resource, OpenAPI document and CLI client."""

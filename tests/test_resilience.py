@@ -1,0 +1,290 @@
+"""Failures the gateway absorbs: retries, fallback, ejection, limits, timeouts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest_twisted
+from twisted.internet import reactor
+
+from load import get, run_load
+from support import header_values, raw_exchange, sleep, status_of
+
+ensure = pytest_twisted.ensureDeferred
+
+
+def pool_rules(targets: list[str], upstream_extra: str = "", route_extra: str = "", top: str = "") -> str:
+    listed = ", ".join(targets)
+    return f"""
+listen: 127.0.0.1:0
+{top}
+upstreams:
+  monolith:
+    targets: [{listed}]
+{upstream_extra}
+default: monolith
+routes:
+  - name: all
+    match: {{path: /}}
+    to: monolith
+{route_extra}
+"""
+
+
+def _post(path: str) -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\ndata"
+    ).encode()
+
+
+@ensure
+async def test_refused_connection_is_retried_on_another_target_for_any_method(backends, gateway):
+    alive = backends("alive")
+    dead = backends("dead")
+    dead_url = dead.url
+    await dead.stop()
+    gw = gateway(pool_rules([dead_url, alive.url]))
+
+    gets = await run_load(gw.port, lambda i: get(f"/g/{i}"), 30)
+    posts = await run_load(gw.port, lambda i: _post(f"/p/{i}"), 30)
+
+    assert [r.status for r in gets.replies] == [200] * 30
+    assert [r.status for r in posts.replies] == [200] * 30
+    assert len(alive.requests) == 60
+
+
+@ensure
+async def test_5xx_is_retried_for_idempotent_methods_only(backends, gateway):
+    good, bad = backends("good"), backends("bad")
+    bad.fail_with = 503
+    retries = "    retries: {attempts: 1, retry_on: [5xx]}"
+    no_ejection = "    outlier: {consecutive_failures: 1000}"
+    gw = gateway(
+        pool_rules([bad.url, good.url], upstream_extra=no_ejection, route_extra=retries)
+    )
+
+    gets = await run_load(gw.port, lambda i: get(f"/g/{i}"), 8, workers=1)
+    posts = await run_load(gw.port, lambda i: _post(f"/p/{i}"), 16, workers=1)
+
+    assert [r.status for r in gets.replies] == [200] * 8
+    assert sorted(r.status for r in posts.replies) == [200] * 8 + [503] * 8
+    assert sum(1 for r in good.requests if r["uri"].startswith("/p/")) == 8
+
+
+@ensure
+async def test_hanging_target_is_retried_after_timeout_when_allowed(backends, gateway):
+    good, hung = backends("good"), backends("hung")
+    hung_route = """
+  - name: hang
+    match: {path: /hang}
+    to: monolith
+    timeout: 200ms
+    rewrite: {prefix: /hang, to: /api}
+    retries: {attempts: 1, retry_on: [timeout]}
+"""
+    text = pool_rules([hung.url, good.url]).replace("routes:\n", "routes:\n" + hung_route)
+    gw = gateway(text)
+    hung.resource.render = _hang_render(hung.resource)  # type: ignore[method-assign]
+
+    result = await run_load(gw.port, lambda i: get("/hang/x"), 6, workers=2)
+
+    assert [r.status for r in result.replies] == [200] * 6
+    assert {json.loads(r.body)["served_by"] for r in result.replies} == {"good"}
+
+
+def _hang_render(resource):  # type: ignore[no-untyped-def]
+    from twisted.web import server
+
+    def render(request):  # type: ignore[no-untyped-def]
+        resource.requests.append({"uri": request.uri.decode()})
+        return server.NOT_DONE_YET
+
+    return render
+
+
+@ensure
+async def test_fallback_serves_idempotent_requests_from_the_monolith(backends, gateway):
+    mono, users = backends("monolith"), backends("users")
+    users.fail_with = 500
+    gw = gateway(
+        f"""
+        listen: 127.0.0.1:0
+        upstreams:
+          monolith: {{targets: [{mono.url}]}}
+          users: {{targets: [{users.url}]}}
+        default: monolith
+        routes:
+          - name: users-v1
+            match: {{path: /api/v1/users}}
+            split:
+              - {{to: monolith, weight: 0}}
+              - to: users
+                weight: 100
+                fallback: monolith
+                rewrite: {{prefix: /api/v1/users, to: /api/v2/users}}
+        """
+    )
+
+    gets = await run_load(gw.port, lambda i: get(f"/api/v1/users/{i}"), 20)
+    post = await raw_exchange(gw.port, _post("/api/v1/users") + b"")
+
+    assert [r.status for r in gets.replies] == [200] * 20
+    assert {json.loads(r.body)["served_by"] for r in gets.replies} == {"monolith"}
+    assert all(r["uri"].startswith("/api/v1/users/") for r in mono.requests)
+    assert all(r["uri"].startswith("/api/v2/users") for r in users.requests)
+    assert status_of(post) == 500
+    assert gw.server.gateway.state.upstreams["users"].fallbacks == 20
+    logged = [line for line in gw.log_lines() if line.get("fallback_from")]
+    assert len(logged) == 20 and {line["upstream"] for line in logged} == {"monolith"}
+
+
+@ensure
+async def test_fallback_on_unreachable_new_service(backends, gateway):
+    mono = backends("monolith")
+    gone = backends("gone")
+    gone_url = gone.url
+    await gone.stop()
+    gw = gateway(
+        f"""
+        listen: 127.0.0.1:0
+        upstreams:
+          monolith: {{targets: [{mono.url}]}}
+          users: {{targets: [{gone_url}]}}
+        default: monolith
+        routes:
+          - name: users-v1
+            match: {{path: /u}}
+            split:
+              - {{to: monolith, weight: 50}}
+              - {{to: users, weight: 50, fallback: monolith}}
+        """
+    )
+
+    result = await run_load(gw.port, lambda i: get(f"/u/{i}"), 40)
+
+    assert [r.status for r in result.replies] == [200] * 40
+
+
+@ensure
+async def test_consistently_failing_target_is_ejected(backends, gateway):
+    good, bad = backends("good"), backends("bad")
+    bad.fail_with = 500
+    outlier = "    outlier: {consecutive_failures: 3, base_ejection: 60s, max_ejection_percent: 50}"
+    gw = gateway(pool_rules([bad.url, good.url], upstream_extra=outlier))
+
+    await run_load(gw.port, lambda i: get(f"/warm/{i}"), 12, workers=1)
+    served_before = len(bad.requests)
+    later = await run_load(gw.port, lambda i: get(f"/later/{i}"), 30, workers=1)
+
+    assert served_before == 3
+    assert len(bad.requests) == 3
+    assert {r.status for r in later.replies} == {200}
+    state = gw.server.gateway.state.upstreams["monolith"].states[0]
+    assert state.ejected and not state.available
+
+
+@ensure
+async def test_ejection_never_empties_the_pool(backends, gateway):
+    one, two = backends("one"), backends("two")
+    one.fail_with = two.fail_with = 500
+    outlier = "    outlier: {consecutive_failures: 2, base_ejection: 60s, max_ejection_percent: 100}"
+    gw = gateway(pool_rules([one.url, two.url], upstream_extra=outlier))
+
+    result = await run_load(gw.port, lambda i: get(f"/x/{i}"), 20, workers=1)
+
+    assert [r.status for r in result.replies] == [500] * 20
+    assert len(one.requests) + len(two.requests) == 20
+
+
+@ensure
+async def test_connection_limit_answers_503_with_retry_after(backends, gateway):
+    slow = backends("slow")
+    limits = "    max_connections: 1\n    max_pending: 0"
+    gw = gateway(pool_rules([slow.url], upstream_extra=limits))
+
+    first = raw_exchange(gw.port, b"GET /slow?ms=400 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    await sleep(0.1)
+    second = await raw_exchange(gw.port, b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    first_reply = await first
+
+    assert status_of(first_reply) == 200
+    assert status_of(second) == 503
+    assert header_values(second, b"retry-after") == [b"1"]
+    assert b'"error":"upstream_overloaded"' in second
+
+
+@ensure
+async def test_pending_queue_waits_for_a_free_connection(backends, gateway):
+    slow = backends("slow")
+    limits = "    max_connections: 1\n    max_pending: 10"
+    gw = gateway(pool_rules([slow.url], upstream_extra=limits))
+
+    result = await run_load(gw.port, lambda i: get("/slow?ms=20"), 12, workers=4)
+
+    assert [r.status for r in result.replies] == [200] * 12
+
+
+@ensure
+async def test_body_that_stalls_is_cut_after_idle_timeout(backends, gateway):
+    stalling = backends("stalling")
+    gw = gateway(pool_rules([stalling.url], upstream_extra="    idle_timeout: 200ms"))
+
+    raw = await raw_exchange(gw.port, b"GET /stall HTTP/1.1\r\nHost: a\r\n\r\n", wait=5)
+
+    assert status_of(raw) == 200
+    assert raw.endswith(b"partial")
+    (line,) = gw.log_lines()
+    assert line["error"] == "upstream_timeout"
+
+
+@ensure
+async def test_trickled_headers_get_408(backends, gateway):
+    mono = backends("monolith")
+    gw = gateway(pool_rules([mono.url], top="limits: {client_header_timeout: 200ms}"))
+
+    raw = await raw_exchange(gw.port, b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow", wait=5)
+
+    assert status_of(raw) == 408
+    assert mono.requests == []
+
+
+@ensure
+async def test_killing_a_target_under_load_loses_no_request(backends, gateway):
+    """Resilience acceptance: two monolith targets, one new service, kill any one."""
+    mono_a, mono_b, users = backends("mono-a"), backends("mono-b"), backends("users")
+    gw = gateway(
+        f"""
+        listen: 127.0.0.1:0
+        upstreams:
+          monolith:
+            targets: [{mono_a.url}, {mono_b.url}]
+            outlier: {{consecutive_failures: 2, base_ejection: 30s}}
+          users:
+            targets: [{users.url}]
+        default: monolith
+        routes:
+          - name: users-v1
+            match: {{path: /api/v1/users}}
+            retries: {{attempts: 2, retry_on: [connect, 5xx, timeout]}}
+            split:
+              - {{to: monolith, weight: 50}}
+              - {{to: users, weight: 50, fallback: monolith}}
+          - name: rest
+            match: {{path: /}}
+            to: monolith
+            retries: {{attempts: 2, retry_on: [connect, 5xx, timeout]}}
+        """
+    )
+    for victim in (mono_a, users):
+        load = run_load(
+            gw.port,
+            lambda i: get("/api/v1/users/1" if i % 2 else "/orders/1"),
+            3000,
+            workers=8,
+        )
+        await sleep(0.05)
+        await victim.kill()
+        result = await load
+        assert result.failures == []
+        assert len(result.replies) == 3000
+        assert {r.status for r in result.replies} == {200}
