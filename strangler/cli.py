@@ -84,12 +84,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     rules = _load_or_report(args.rules)
     if rules is None:
         return 1
+    if args.workers > 1 and args.worker_fd is None:
+        from strangler.workers import run_workers
+
+        return run_workers(Path(args.rules), rules, args.workers, args.listen)
     configure_logging()
     override = _parse_listen(args.listen) if args.listen else None
     server = GatewayServer(rules, reactor, load_rules, listen_override=override)
     try:
-        server.start()
-        server.start_admin()
+        server.start(inherited_fd=args.worker_fd)
+        if args.worker_index == 0:
+            server.start_admin()
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
@@ -120,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the gateway with a rule file")
     serve.add_argument("rules", metavar="RULES")
     serve.add_argument("--listen", help="override the rule file's listen address")
+    serve.add_argument(
+        "--workers", type=int, default=1, help="processes sharing the port (one per core)"
+    )
+    serve.add_argument("--worker-fd", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     serve.set_defaults(func=cmd_serve)
 
     check = sub.add_parser("check", help="validate a rule file")

@@ -96,6 +96,8 @@ class RuntimeWeights:
     def save(self) -> None:
         if self.path is None:
             return
+        if not self.overrides and not self.path.exists():
+            return
         data = {"weights": {name: asdict(o) for name, o in self.overrides.items()}}
         temporary = self.path.with_name(self.path.name + ".tmp")
         try:

@@ -70,6 +70,7 @@ class GatewayServer:
         self.admin_override = admin_override
         self.state_path = state_path or default_state_path(rules.source)
         self.runtime = RuntimeWeights(self.state_path)
+        self._state_fingerprint = _fingerprint(self.state_path)
         self.gateway = Gateway(rules, reactor, access_log=access_log, runtime=self.runtime)
         self.port: Any = None
         self.admin_port: Any = None
@@ -82,10 +83,16 @@ class GatewayServer:
     def rules(self) -> Rules:
         return self.gateway.rules
 
-    def start(self) -> Address:
-        """Start listening; returns the bound address (useful with port 0)."""
+    def start(self, inherited_fd: int | None = None) -> Address:
+        """Start listening (or serve a socket a supervisor bound); returns the address."""
         factory = GatewayFactory(self.gateway)
-        self.port = listen_tcp(self.reactor, self.rules.listen, factory)
+        if inherited_fd is not None:
+            import socket
+
+            family = socket.socket(fileno=socket.dup(inherited_fd)).family
+            self.port = self.reactor.adoptStreamPort(inherited_fd, family, factory)
+        else:
+            self.port = listen_tcp(self.reactor, self.rules.listen, factory)
         bound = self.port.getHost()
         log.info("listening", address=f"{bound.host}:{bound.port}")
         _warn_inactive(self.rules)
@@ -172,6 +179,19 @@ class GatewayServer:
         current = _fingerprint(self.rules.source)
         if current != self._fingerprint:
             self.reload()
+        state = _fingerprint(self.state_path)
+        if state != self._state_fingerprint:
+            self._state_fingerprint = state
+            self._follow_state_file()
+
+    def _follow_state_file(self) -> None:
+        """Pick up runtime weights another process (worker 0, a plan) wrote."""
+        fresh = RuntimeWeights(self.state_path)
+        if fresh.overrides == self.runtime.overrides:
+            return
+        self.runtime.overrides = fresh.overrides
+        self.gateway.apply(self.rules)
+        log.info("runtime_weights_followed", path=str(self.state_path))
 
     def stop(self, drain_timeout: float | None = None) -> defer.Deferred[None]:
         """Stop accepting, let requests in flight finish (bounded), then close."""

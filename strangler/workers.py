@@ -1,0 +1,139 @@
+"""`strangler serve --workers N`: one process per core sharing one listening socket.
+
+The parent binds the public socket once and hands it to N worker processes,
+each running its own reactor and gateway on the inherited socket, so the
+kernel spreads connections across them. The parent only supervises: it
+restarts a worker that dies, forwards SIGHUP (reload) and SIGTERM/SIGINT
+(drain) to every worker, and exits when they have all stopped.
+
+Only worker 0 serves the admin API. The others follow its runtime weight
+changes through the state file they all watch (`docs/limitations.md` lists
+what is still per worker).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from strangler.model import Rules
+
+RESTART_PAUSE = 0.5
+POLL_INTERVAL = 0.1
+EXTRA_STOP_TIME = 5.0
+
+
+def _event(name: str, **fields: Any) -> None:
+    """One JSON line on stdout, like the workers' own logs."""
+    record = {"event": name, "level": "info", **fields}
+    record["timestamp"] = datetime.now(UTC).isoformat()
+    print(json.dumps(record), flush=True)
+
+
+def bind_listener(rules: Rules, listen_override: str | None) -> socket.socket:
+    """Bind and listen on the public address once, for every worker to share."""
+    host, port = rules.listen.host, rules.listen.port
+    if listen_override:
+        text_host, _, text_port = listen_override.rpartition(":")
+        host, port = text_host.strip("[]") or "127.0.0.1", int(text_port)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    # Every worker waits on this socket; non-blocking so that the ones that
+    # lose the race for a connection get EAGAIN instead of hanging in accept.
+    sock.setblocking(False)
+    sock.set_inheritable(True)
+    return sock
+
+
+class Supervisor:
+    """Starts, watches and stops the worker processes."""
+
+    def __init__(self, rules_path: Path, rules: Rules, count: int, sock: socket.socket) -> None:
+        self.rules_path = rules_path
+        self.rules = rules
+        self.count = count
+        self.sock = sock
+        self.workers: dict[int, subprocess.Popen[bytes]] = {}
+        self.stopping = False
+        self.restarts = 0
+
+    def command(self, index: int) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "strangler.cli",
+            "serve",
+            str(self.rules_path),
+            "--worker-fd",
+            str(self.sock.fileno()),
+            "--worker-index",
+            str(index),
+        ]
+
+    def start_worker(self, index: int) -> None:
+        self.workers[index] = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            self.command(index), pass_fds=(self.sock.fileno(),)
+        )
+
+    def run(self) -> int:
+        signal.signal(signal.SIGHUP, lambda *_: self.forward(signal.SIGHUP))
+        signal.signal(signal.SIGTERM, lambda *_: self.stop())
+        signal.signal(signal.SIGINT, lambda *_: self.stop())
+        for index in range(self.count):
+            self.start_worker(index)
+        host, port = self.sock.getsockname()[:2]
+        _event("listening", address=f"{host}:{port}", workers=self.count)
+        while True:
+            time.sleep(POLL_INTERVAL)
+            for index, process in list(self.workers.items()):
+                code = process.poll()
+                if code is None:
+                    continue
+                if self.stopping:
+                    del self.workers[index]
+                    continue
+                _event("worker_restarted", worker=index, exit_code=code)
+                self.restarts += 1
+                time.sleep(RESTART_PAUSE)
+                self.start_worker(index)
+            if self.stopping and not self.workers:
+                return 0
+
+    def forward(self, signum: int) -> None:
+        for process in self.workers.values():
+            if process.poll() is None:
+                process.send_signal(signum)
+
+    def stop(self) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        self.sock.close()
+        self.forward(signal.SIGTERM)
+        deadline = time.monotonic() + self.rules.drain_timeout + EXTRA_STOP_TIME
+        for process in self.workers.values():
+            remaining = max(0.1, deadline - time.monotonic())
+            try:
+                process.wait(remaining)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def run_workers(rules_path: Path, rules: Rules, count: int, listen: str | None) -> int:
+    """Entry point for `strangler serve --workers N` (N >= 2)."""
+    try:
+        sock = bind_listener(rules, listen)
+    except OSError as exc:
+        print(f"cannot listen on {rules.listen}: {exc.strerror}", file=sys.stderr)
+        return 1
+    return Supervisor(rules_path, rules, count, sock).run()
