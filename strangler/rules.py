@@ -31,27 +31,47 @@ from strangler.model import (
     AccessLog,
     Address,
     Admin,
+    ApiKeyAuth,
+    Auth,
+    AuthMode,
     BalanceName,
     Compare,
+    Consumer,
     HeaderMatch,
     HealthCheck,
+    IdentityHeaders,
+    JwtAuth,
+    JwtIssuer,
+    JwtKey,
     Limits,
     Match,
     Outlier,
     Override,
+    RateLimit,
+    Require,
     Retries,
     Rewrite,
     Route,
     Rules,
     Shadow,
+    SharedState,
     SplitEntry,
     Sticky,
     StickyBy,
     Target,
+    Tls,
     Transform,
     TransformName,
     Upstream,
 )
+from strangler.security.api_keys import digest_of_entry, keys_in_file
+from strangler.security.jwt_keys import (
+    ALGORITHM_FAMILY,
+    key_from_pem,
+    keys_from_jwks,
+    secret_key,
+)
+from strangler.security.tls import check_tls_pair
 from strangler.units import parse_duration, parse_size
 from strangler.yaml_source import Document, KeyPath, format_key, load_yaml
 
@@ -701,6 +721,7 @@ def _split(
 ) -> tuple[SplitEntry, ...] | None:
     entries = _list_of(_split_entry, non_empty=True)(checker, value, path)
     if entries is None:
+        _check_raw_total(checker, value, path)
         return None
     first_index: dict[str, int] = {}
     for i, entry in enumerate(entries):
@@ -717,6 +738,23 @@ def _split(
         checker.report(path, f"weights must sum to 100, got {total.normalize():f}")
         return None
     return entries
+
+
+def _check_raw_total(checker: _Checker, value: Any, path: KeyPath) -> None:
+    """Report a bad weight sum even when another entry of the split is invalid."""
+    if not isinstance(value, list) or not value:
+        return
+    weights = [entry.get("weight") if isinstance(entry, dict) else None for entry in value]
+    if not all(
+        isinstance(w, int | float) and not isinstance(w, bool) and 0 <= w <= 100
+        for w in weights
+    ):
+        return
+    if any(_decimal(float(w)) != _decimal(float(w)).quantize(Decimal("0.01")) for w in weights):  # type: ignore[arg-type]
+        return
+    total = sum((_decimal(float(w)) for w in weights), Decimal(0))  # type: ignore[arg-type]
+    if total != 100:
+        checker.report(path, f"weights must sum to 100, got {total.normalize():f}")
 
 
 _STICKY = {"by": _choice(STICKY_BY), "name": _text, "cookie_ttl": _duration}
@@ -804,6 +842,490 @@ def _retries(checker: _Checker, value: Any, path: KeyPath) -> Retries | None:
     return Retries(**values) if values is not None else None
 
 
+# Security: consumers, authentication, rate limits, shared state and TLS.
+
+AUTH_MODES: tuple[str, ...] = get_args(AuthMode)
+_RATE = re.compile(r"\s*(\d+)\s*/\s*(\S+)\s*")
+_RATE_PERIODS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+_SCOPE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
+# Headers the gateway writes or that frame the request: never identity headers.
+_RESERVED_HEADERS = frozenset(
+    {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "upgrade",
+        "te",
+        "trailer",
+        "keep-alive",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-request-id",
+        "authorization",
+        "cookie",
+    }
+)
+
+
+def _rule_dir(checker: _Checker) -> Path:
+    return Path(checker.document.source).parent
+
+
+def _read_beside(checker: _Checker, value: Any, path: KeyPath) -> tuple[Path, bytes] | None:
+    """A file named relative to the rule file, and its bytes."""
+    name = _text(checker, value, path)
+    if name is None:
+        return None
+    where = _rule_dir(checker) / name
+    try:
+        return where, where.read_bytes()
+    except OSError as exc:
+        checker.report(path, f"cannot read {name!r}: {exc.strerror or exc}")
+        return None
+
+
+def _rate(checker: _Checker, value: Any, path: KeyPath) -> tuple[float, int] | None:
+    """`100/s`, `10/m`, `5000/h` or `N/<duration>`: tokens a second, and N."""
+    found = _RATE.fullmatch(value) if isinstance(value, str) else None
+    period = None
+    if found is not None:
+        period = _RATE_PERIODS.get(found.group(2))
+        if period is None:
+            try:
+                period = parse_duration(found.group(2))
+            except ValueError:
+                period = None
+    if found is None or not period or int(found.group(1)) < 1:
+        checker.report(
+            path, f"expected a rate like 100/s, 10/m or 50/10s, got {_show(value)}"
+        )
+        return None
+    count = int(found.group(1))
+    return count / period, count
+
+
+def _per(
+    checker: _Checker, value: Any, path: KeyPath
+) -> tuple[str, str | None] | None:
+    """`consumer`, `ip`, `route` or `header:NAME`."""
+    if isinstance(value, str) and value.startswith("header:"):
+        name = _header_name(checker, value[len("header:") :], path)
+        return ("header", name) if name is not None else None
+    kind = _choice(("consumer", "ip", "route", "header:NAME"))(checker, value, path)
+    if kind == "header:NAME":
+        checker.report(path, "name the header: header:X-Tenant-Id")
+        return None
+    return (kind, None) if kind is not None else None
+
+
+_RATE_LIMIT = {"rate": _rate, "burst": _whole_number(1), "per": _per}
+_CONSUMER_RATE_LIMIT = {"rate": _rate, "burst": _whole_number(1)}
+
+
+def _rate_limit_reader(table: Mapping[str, Reader]) -> Reader:
+    def read(checker: _Checker, value: Any, path: KeyPath) -> RateLimit | None:
+        values = checker.fields(value, path, table, required=("rate",))
+        if values is None:
+            return None
+        rate, count = values["rate"]
+        per, header = values.get("per", ("consumer", None))
+        return RateLimit(rate, values.get("burst", count), per, header)
+
+    return read
+
+
+_rate_limit = _rate_limit_reader(_RATE_LIMIT)
+
+
+def _scope(checker: _Checker, value: Any, path: KeyPath) -> str | None:
+    text = _text(checker, value, path)
+    if text is not None and not _SCOPE.fullmatch(text):
+        checker.report(path, f"expected a scope or role without spaces, got {text!r}")
+        return None
+    return text
+
+
+def _grants(checker: _Checker, value: Any, path: KeyPath) -> frozenset[str] | None:
+    found = _list_of(_scope)(checker, value, path)
+    return frozenset(found) if found is not None else None
+
+
+def _api_key(checker: _Checker, value: Any, path: KeyPath) -> bytes | None:
+    """A key (usually `${VAR}`) or `sha256:HEX`, kept only as its digest."""
+    if not isinstance(value, str):
+        checker.report(path, f"expected an API key as text, got {_show(value)}")
+        return None
+    try:
+        return digest_of_entry(value)
+    except ValueError as exc:
+        checker.report(path, str(exc))
+        return None
+
+
+def _api_key_file(
+    checker: _Checker, value: Any, path: KeyPath
+) -> tuple[bytes, ...] | None:
+    """A file of keys, one a line (`#` comments); each becomes a digest."""
+    found = _read_beside(checker, value, path)
+    if found is None:
+        return None
+    where, data = found
+    digests = []
+    for line, entry in keys_in_file(data.decode("utf-8", "replace")):
+        try:
+            digests.append(digest_of_entry(entry))
+        except ValueError as exc:
+            checker.report(path, f"{where.name} line {line}: {exc}")
+            return None
+    if not digests:
+        checker.report(path, f"{where.name} holds no keys")
+        return None
+    return tuple(digests)
+
+
+_CONSUMER = {
+    "api_keys": _list_of(_api_key),
+    "api_keys_file": _api_key_file,
+    "scopes": _grants,
+    "roles": _grants,
+    "rate_limit": _rate_limit_reader(_CONSUMER_RATE_LIMIT),
+}
+
+
+def _consumers(
+    checker: _Checker, value: Any, path: KeyPath
+) -> dict[str, Consumer] | None:
+    if not isinstance(value, dict):
+        checker.report(
+            path, f"expected a mapping of consumer names to consumers, got {_show(value)}"
+        )
+        return None
+    consumers: dict[str, Consumer] = {}
+    owners: dict[bytes, str] = {}
+    for name, raw in value.items():
+        where = (*path, name)
+        valid_name = _name(checker, name, where)
+        values = checker.fields(raw if raw is not None else {}, where, _CONSUMER)
+        if valid_name is None or values is None:
+            continue
+        digests = values.pop("api_keys", ()) + values.pop("api_keys_file", ())
+        for digest in digests:
+            other = owners.setdefault(digest, name)
+            if other != name:
+                checker.report(
+                    (*where, "api_keys"),
+                    f"a key of {name!r} is also a key of consumer {other!r}",
+                )
+        consumers[name] = Consumer(name=name, key_hashes=tuple(digests), **values)
+    return consumers if len(consumers) == len(value) else None
+
+
+def _api_key_auth(checker: _Checker, value: Any, path: KeyPath) -> ApiKeyAuth | None:
+    values = checker.fields(value, path, {"header": _header_name, "query": _token})
+    return ApiKeyAuth(**values) if values is not None else None
+
+
+def _algorithm(checker: _Checker, value: Any, path: KeyPath) -> str | None:
+    if isinstance(value, str) and value.lower() == "none":
+        checker.report(path, "alg none is never accepted; name a signing algorithm")
+        return None
+    return _choice(tuple(ALGORITHM_FAMILY))(checker, value, path)
+
+
+def _text_list(checker: _Checker, value: Any, path: KeyPath) -> tuple[str, ...] | None:
+    """One text or a list of them."""
+    if isinstance(value, list):
+        return _list_of(_text, non_empty=True)(checker, value, path)
+    text = _text(checker, value, path)
+    return (text,) if text is not None else None
+
+
+def _jwks_url(checker: _Checker, value: Any, path: KeyPath) -> str | None:
+    """An https URL (plain http only on a loopback address)."""
+    url = _text(checker, value, path)
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    loopback = host == "localhost" or (
+        _is_ip(host) and ipaddress.ip_address(host).is_loopback
+    )
+    if parts.scheme != "https" and not (parts.scheme == "http" and loopback):
+        checker.report(
+            path, f"expected an https:// URL (http only on loopback), got {url!r}"
+        )
+        return None
+    return url
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+_JWT_ISSUER = {
+    "issuer": _text,
+    "audience": _text_list,
+    "algorithms": _list_of(_algorithm, non_empty=True),
+    "jwks_file": _text,
+    "jwks_url": _jwks_url,
+    "public_key": _text,
+    "secret": _text,
+    "consumer_claim": _text,
+}
+_KEY_SOURCES = ("jwks_file", "jwks_url", "public_key", "secret")
+
+
+def _jwt_issuer(checker: _Checker, value: Any, path: KeyPath) -> JwtIssuer | None:
+    values = checker.fields(value, path, _JWT_ISSUER, required=("issuer", "algorithms"))
+    if values is None:
+        return None
+    sources = [key for key in _KEY_SOURCES if key in values]
+    if len(sources) != 1:
+        checker.report(
+            path,
+            "give exactly one of jwks_file, jwks_url, public_key or secret"
+            + (f", got {', '.join(sources)}" if sources else ""),
+        )
+        return None
+    source = sources[0]
+    families = {ALGORITHM_FAMILY[alg] for alg in values["algorithms"]}
+    where = (*path, source)
+    if (source == "secret") != (families == {"oct"}):
+        checker.report(
+            (*path, "algorithms"),
+            "HS* algorithms go with a secret and only with a secret; "
+            "never mix them with public keys",
+        )
+        return None
+
+    keys: tuple[JwtKey, ...] = ()
+    try:
+        if source == "secret":
+            keys = (secret_key(values.pop("secret")),)
+        elif source in ("public_key", "jwks_file"):
+            found = _read_beside(checker, values.pop(source), where)
+            if found is None:
+                return None
+            loader = key_from_pem if source == "public_key" else keys_from_jwks
+            loaded = loader(found[1])
+            keys = loaded if isinstance(loaded, tuple) else (loaded,)
+    except ValueError as exc:
+        checker.report(where, str(exc))
+        return None
+    missing = sorted(families - {key.family for key in keys})
+    if keys and missing:
+        checker.report(
+            where, f"no key for the {', '.join(missing)} algorithms listed in algorithms"
+        )
+        return None
+    return JwtIssuer(
+        issuer=values["issuer"],
+        algorithms=values["algorithms"],
+        audience=values.get("audience", ()),
+        keys=keys,
+        jwks_url=values.get("jwks_url"),
+        consumer_claim=values.get("consumer_claim"),
+    )
+
+
+def _jwt_issuers(
+    checker: _Checker, value: Any, path: KeyPath
+) -> tuple[JwtIssuer, ...] | None:
+    issuers = _list_of(_jwt_issuer, non_empty=True)(checker, value, path)
+    if issuers is None:
+        return None
+    seen: set[str] = set()
+    for i, issuer in enumerate(issuers):
+        if issuer.issuer in seen:
+            checker.report((*path, i, "issuer"), f"issuer {issuer.issuer!r} is listed twice")
+            return None
+        seen.add(issuer.issuer)
+    return issuers
+
+
+_JWT = {
+    "issuers": _jwt_issuers,
+    "leeway": _duration_or_zero,
+    "consumer_claim": _text,
+    "scopes_claim": _text,
+    "roles_claim": _text,
+    "require_exp": _bool,
+    "jwks_refresh": _duration,
+    "jwks_max_age": _duration,
+}
+
+
+def _jwt(checker: _Checker, value: Any, path: KeyPath) -> JwtAuth | None:
+    values = checker.fields(value, path, _JWT, required=("issuers",))
+    return JwtAuth(**values) if values is not None else None
+
+
+def _identity_header(checker: _Checker, value: Any, path: KeyPath) -> str | None:
+    name = _token(checker, value, path)
+    if name is not None and name.lower() in _RESERVED_HEADERS:
+        checker.report(path, f"{name!r} is managed by the gateway; pick another header")
+        return None
+    return name
+
+
+def _claim_headers(
+    checker: _Checker, value: Any, path: KeyPath
+) -> tuple[tuple[str, str], ...] | None:
+    """`{claim: Header-Name}`."""
+    if not isinstance(value, dict):
+        checker.report(
+            path, f"expected a mapping of claim names to headers, got {_show(value)}"
+        )
+        return None
+    pairs = []
+    for claim, header in value.items():
+        name = _identity_header(checker, header, (*path, claim))
+        if name is None:
+            return None
+        pairs.append((str(claim), name))
+    return tuple(pairs)
+
+
+def _identity_headers(
+    checker: _Checker, value: Any, path: KeyPath
+) -> IdentityHeaders | None:
+    values = checker.fields(
+        value, path, {"consumer": _identity_header, "claims": _claim_headers}
+    )
+    return IdentityHeaders(**values) if values is not None else None
+
+
+def _realm(checker: _Checker, value: Any, path: KeyPath) -> str | None:
+    text = _text(checker, value, path)
+    if text is not None and not _SCOPE.fullmatch(text.replace(" ", "_")):
+        checker.report(path, f"expected a realm without quotes or backslashes, got {text!r}")
+        return None
+    return text
+
+
+_AUTH = {
+    "default": _choice(AUTH_MODES),
+    "api_key": _api_key_auth,
+    "jwt": _jwt,
+    "identity_headers": _identity_headers,
+    "realm": _realm,
+}
+
+
+def _auth(checker: _Checker, value: Any, path: KeyPath) -> Auth | None:
+    values = checker.fields(value, path, _AUTH)
+    return Auth(**values) if values is not None else None
+
+
+def _require(checker: _Checker, value: Any, path: KeyPath) -> Require | None:
+    values = checker.fields(value, path, {"scopes": _grants, "roles": _grants})
+    if values is not None and not any(values.values()):
+        checker.report(path, "give the scopes or roles a consumer must hold")
+        return None
+    return Require(**values) if values is not None else None
+
+
+def _redis_url(checker: _Checker, value: Any, path: KeyPath) -> dict[str, Any] | None:
+    """`redis://[:password@]host[:port][/db]`."""
+    url = _text(checker, value, path)
+    if url is None:
+        return None
+    try:
+        parts = urlsplit(url)
+        port = parts.port or 6379
+        db_text = parts.path.lstrip("/") or "0"
+        db = int(db_text)
+    except ValueError:
+        parts, port, db = None, 0, -1
+    if parts is None or parts.scheme != "redis" or not parts.hostname or db < 0:
+        checker.report(
+            path,
+            "expected a Redis URL like redis://127.0.0.1:6379/0, "
+            f"got {urlsplit(url)._replace(netloc=urlsplit(url).hostname or '').geturl()!r}",
+        )
+        return None
+    return {
+        "redis": f"redis://{parts.hostname}:{port}/{db}",
+        "host": parts.hostname,
+        "port": port,
+        "db": db,
+        "password": parts.password,
+    }
+
+
+_STATE = {
+    "redis": _redis_url,
+    "on_state_error": _choice(("open", "deny")),
+    "timeout": _duration,
+    "prefix": _name,
+}
+
+
+def _state(checker: _Checker, value: Any, path: KeyPath) -> SharedState | None:
+    values = checker.fields(value, path, _STATE, required=("redis",))
+    if values is None:
+        return None
+    return SharedState(**values.pop("redis"), **values)
+
+
+def _tls(checker: _Checker, value: Any, path: KeyPath) -> Tls | None:
+    values = checker.fields(
+        value, path, {"cert": _text, "key": _text}, required=("cert", "key")
+    )
+    if values is None:
+        return None
+    cert = _read_beside(checker, values["cert"], (*path, "cert"))
+    key = _read_beside(checker, values["key"], (*path, "key"))
+    if cert is None or key is None:
+        return None
+    try:
+        check_tls_pair(cert[1], key[1])
+    except ValueError as exc:
+        checker.report(path, str(exc))
+        return None
+    return Tls(cert=cert[0].resolve(), key=key[0].resolve())
+
+
+def _security_consistent(checker: _Checker, values: dict[str, Any]) -> bool:
+    """Route auth, require and per-consumer limits need identities to exist."""
+    before = checker.failures
+    auth: Auth = values.get("auth") or Auth()
+    consumers: dict[str, Consumer] = values.get("consumers", {})
+    has_keys = any(consumer.key_hashes for consumer in consumers.values())
+    checks: list[tuple[KeyPath, Route | None]] = [(("auth", "default"), None)]
+    checks += [(("routes", i), route) for i, route in enumerate(values.get("routes", ()))]
+    for where, route in checks:
+        mode = (route.auth if route is not None else None) or auth.default
+        at = (*where, "auth") if route is not None else where
+        if mode in ("api_key", "any") and not has_keys and (
+            mode == "api_key" or auth.jwt is None
+        ):
+            checker.report(at, f"auth {mode} needs consumers with api_keys; none have any")
+        if mode in ("jwt", "any") and auth.jwt is None and (
+            mode == "jwt" or not has_keys
+        ):
+            checker.report(at, f"auth {mode} needs auth.jwt with at least one issuer")
+        if route is None:
+            continue
+        if route.require is not None and mode == "none":
+            checker.report(
+                (*where, "require"), "require needs the route to authenticate; set auth"
+            )
+        limit = route.rate_limit
+        if limit is not None and limit.per == "consumer" and mode == "none":
+            checker.report(
+                (*where, "rate_limit"),
+                "per: consumer needs the route to authenticate; set auth or use per: ip",
+            )
+    return checker.failures == before
+
+
 # Routes.
 
 _ROUTE = {
@@ -820,6 +1342,10 @@ _ROUTE = {
     "connect_timeout": _duration,
     "idle_timeout": _duration,
     "retries": _retries,
+    "auth": _choice(AUTH_MODES),
+    "require": _require,
+    "rate_limit": _rate_limit,
+    "max_body": _size,
 }
 
 
@@ -925,6 +1451,10 @@ _RULES = {
     "timeout": _duration,
     "connect_timeout": _duration,
     "drain_timeout": _duration_or_zero,
+    "consumers": _consumers,
+    "auth": _auth,
+    "state": _state,
+    "tls": _tls,
 }
 
 
@@ -938,7 +1468,7 @@ def _rules(checker: _Checker, value: Any) -> Rules | None:
         checker.upstreams = tuple(str(name) for name in value["upstreams"])
 
     values = checker.fields(value, (), _RULES, required=("upstreams", "default"))
-    if values is None:
+    if values is None or not _security_consistent(checker, values):
         return None
     return Rules(
         source=Path(checker.document.source),

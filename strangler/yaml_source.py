@@ -103,6 +103,7 @@ def load_yaml(
     text: str, source: str, environ: Mapping[str, str] | None = None
 ) -> Document:
     """Parse one YAML document from `text`; `source` names it in problems."""
+    text, references = _hide_references(text)
     loader = _Loader(text)
     try:
         root = loader.get_single_node()
@@ -115,6 +116,7 @@ def load_yaml(
     if root is None:
         return Document(source, None, {})
     walker = _Walker(loader, source, environ if environ is not None else {})
+    walker.references = references
     value = walker.build(root, ())
     return Document(
         source,
@@ -123,6 +125,26 @@ def load_yaml(
         tuple(walker.problems),
         frozenset(walker.bad_paths),
     )
+
+
+_REFERENCE = re.compile(r"(?<!\$)\$\{[^}\n]*\}")
+_PLACEHOLDER = re.compile(r"__strangler_ref_(\d+)__")
+
+
+def _hide_references(text: str) -> tuple[str, list[str]]:
+    """Swap each `${...}` for a plain placeholder before YAML sees the text.
+
+    `{` opens a flow mapping in YAML, so `token: ${X}` inside `{...}` would
+    not parse. Placeholders keep every line where it was; `_scalar` puts the
+    reference back and expands it.
+    """
+    found: list[str] = []
+
+    def hide(match: re.Match[str]) -> str:
+        found.append(match.group(0))
+        return f"__strangler_ref_{len(found) - 1}__"
+
+    return _REFERENCE.sub(hide, text), found
 
 
 def _error_line(exc: yaml.YAMLError, text: str) -> int:
@@ -153,6 +175,7 @@ class _Walker:
     lines: dict[KeyPath, int] = field(default_factory=dict)
     problems: list[RuleProblem] = field(default_factory=list)
     bad_paths: set[KeyPath] = field(default_factory=set)
+    references: list[str] = field(default_factory=list)
     _active: set[int] = field(default_factory=set)
     _visited: int = 0
 
@@ -233,6 +256,12 @@ class _Walker:
         return pairs
 
     def _scalar(self, node: ScalarNode, path: KeyPath) -> Any:
+        if "__strangler_ref_" in node.value:
+            restored = _PLACEHOLDER.sub(
+                lambda m: self.references[int(m.group(1))], node.value
+            )
+            tag = _STR if node.style is None else node.tag
+            node = ScalarNode(tag, restored, node.start_mark, node.end_mark, node.style)
         if node.tag == _STR and "$" in node.value:
             text = self._expand(node, path)
             tag = node.tag

@@ -184,7 +184,7 @@ def test_serve_proxies_to_default_and_exits_cleanly_on_sigterm(tmp_path: Path) -
 
 
 def test_demo_runs_answers_through_the_gateway_and_stops_on_ctrl_c() -> None:
-    offset = 20000 + (int(time.time() * 1000) % 5000)
+    offset = 10000 + (int(time.time() * 1000) % 9000)  # every demo port stays below the ephemeral range
     process = subprocess.Popen(
         [*COMMAND, "demo", "--port-offset", str(offset)],
         stdout=subprocess.PIPE,
