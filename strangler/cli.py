@@ -68,6 +68,45 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_transform(args: argparse.Namespace) -> int:
+    """Run a route's transform offline: see what a client's payload becomes."""
+    from strangler.transforms import TransformError
+    from strangler.transforms.xml_json import TRANSFORMS
+
+    rules = _load_or_report(args.rules)
+    if rules is None:
+        return 1
+    route = next((r for r in rules.routes if r.name == args.route), None)
+    if route is None:
+        print(f"no route named {args.route!r}", file=sys.stderr)
+        return 1
+    entries = [e for e in route.split if e.transform is not None]
+    if args.upstream:
+        entries = [e for e in entries if e.to == args.upstream]
+    if not entries:
+        print(f"route {args.route!r} has no transform for that upstream", file=sys.stderr)
+        return 1
+    transform = entries[0].transform
+    assert transform is not None
+    body = sys.stdin.buffer.read()
+    try:
+        if args.response:
+            if transform.body is not None and transform.body.reversible:
+                body = transform.body.reverse().apply_body(body)
+            if transform.response is not None:
+                body = TRANSFORMS[transform.response](body)
+        else:
+            if transform.request is not None:
+                body = TRANSFORMS[transform.request](body)
+            if transform.body is not None:
+                body = transform.body.apply_body(body)
+    except TransformError as exc:
+        print(f"transform failed ({exc.status}): {exc.message}", file=sys.stderr)
+        return 1
+    sys.stdout.buffer.write(body + (b"" if body.endswith(b"\n") else b"\n"))
+    return 0
+
+
 def _parse_listen(text: str) -> Address:
     host, _, port = text.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
@@ -145,6 +184,17 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--json", action="store_true", help="print JSON instead of text")
     exp.set_defaults(func=cmd_explain)
 
+    trans = sub.add_parser(
+        "transform", help="run a route's body transform on stdin, offline"
+    )
+    trans.add_argument("rules", metavar="RULES")
+    trans.add_argument("route", metavar="ROUTE")
+    trans.add_argument("--upstream", help="the split branch whose transform to run")
+    trans.add_argument(
+        "--response", action="store_true", help="run the response direction instead"
+    )
+    trans.set_defaults(func=cmd_transform)
+
     demo = sub.add_parser("demo", help="run a legacy monolith, a new service and the gateway")
     demo.add_argument(
         "--port-offset", type=int, default=0, help="add this to every demo port"
@@ -154,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     from strangler.admin.client import register_commands
 
     register_commands(sub)
+    from strangler.shadow.cli import register_commands as register_shadow_commands
+
+    register_shadow_commands(sub)
     return parser
 
 

@@ -35,6 +35,8 @@ class Explanation:
     timeout: float = 0.0
     connect_timeout: float = 0.0
     shadow: str | None = None
+    body_map: str | None = None
+    header_edits: str | None = None
 
     def as_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
@@ -64,6 +66,10 @@ class Explanation:
             f"timeout:    {format_duration(self.timeout)} "
             f"(connect {format_duration(self.connect_timeout)})"
         )
+        if self.body_map:
+            lines.append(f"body map:   {self.body_map}")
+        if self.header_edits:
+            lines.append(f"headers:    {self.header_edits}")
         if self.shadow:
             lines.append(f"shadow:     {self.shadow}")
         return "\n".join(lines)
@@ -106,7 +112,24 @@ def explain(
         timeout=_first(entry.timeout, upstream.timeout, rules.timeout),
         connect_timeout=_first(entry.connect_timeout, upstream.connect_timeout, rules.connect_timeout),
         shadow=shadow,
+        body_map=repr(entry.transform.body) if entry.transform and entry.transform.body else None,
+        header_edits=_describe_headers(entry),
     )
+
+
+def _describe_headers(entry: SplitEntry) -> str | None:
+    rules = entry.headers
+    if rules is None:
+        return None
+    parts = []
+    for direction, edits in (("request", rules.request), ("response", rules.response)):
+        if edits is None:
+            continue
+        changes = [f"remove {name}" for name in edits.remove]
+        changes += [f"set {name}: {value}" for name, value in edits.set]
+        changes += [f"add {name}: {value}" for name, value in edits.add]
+        parts.append(f"{direction} " + ", ".join(changes))
+    return "; ".join(parts) or None
 
 
 def _choose(

@@ -15,11 +15,13 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 BalanceName = Literal["round_robin", "least_conn", "ip_hash", "random"]
 StickyBy = Literal["header", "cookie", "ip", "jwt_claim"]
 TransformName = Literal["xml_to_json", "json_to_xml"]
+AuthMode = Literal["api_key", "jwt", "any", "none"]
+RateKeyKind = Literal["consumer", "ip", "route", "header"]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DEFAULT_TIMEOUT = 30.0
@@ -120,11 +122,34 @@ class Rewrite:
 
 @dataclass(frozen=True, slots=True)
 class Transform:
-    """Body transforms applied on the way to the upstream and back."""
+    """Body transforms applied on the way to the upstream and back.
+
+    `body` is a JSON field map (`strangler.transforms.body_map.BodyMap`)
+    applied to request bodies after any `request` conversion, and undone on
+    response bodies before any `response` conversion.
+    """
 
     request: TransformName | None = None
     response: TransformName | None = None
     max_body: int = 10 * MIB
+    body: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderEdits:
+    """Header changes in one direction: remove, then set (replace), then add."""
+
+    set: tuple[tuple[str, str], ...] = ()
+    add: tuple[tuple[str, str], ...] = ()
+    remove: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderRules:
+    """Header changes toward the upstream and back toward the client."""
+
+    request: HeaderEdits | None = None
+    response: HeaderEdits | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +164,7 @@ class SplitEntry:
     connect_timeout: float | None = None
     fallback: str | None = None
     idle_timeout: float | None = None
+    headers: HeaderRules | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +240,28 @@ class Retries:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimit:
+    """A token bucket: `rate` tokens a second refill it, it holds at most `burst`.
+
+    `per` says whose bucket a request draws from; with `per: header` the
+    bucket is chosen by the value of the lower-case header `header`.
+    """
+
+    rate: float
+    burst: int
+    per: RateKeyKind = "consumer"
+    header: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Require:
+    """Scopes and roles a consumer must all hold to use a route."""
+
+    scopes: frozenset[str] = frozenset()
+    roles: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     """A named rule: what it matches and where matching requests go.
 
@@ -230,6 +278,10 @@ class Route:
     shadow: Shadow | None = None
     retries: Retries | None = None
     line: int = 0
+    auth: AuthMode | None = None
+    require: Require | None = None
+    rate_limit: RateLimit | None = None
+    max_body: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +300,101 @@ class Limits:
     max_header_bytes: int = 16 * 1024
     max_headers: int = 100
     max_body: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Consumer:
+    """A named caller: the SHA-256 digests of its API keys, its grants, its limit."""
+
+    name: str
+    key_hashes: tuple[bytes, ...] = field(default=(), repr=False)
+    scopes: frozenset[str] = frozenset()
+    roles: frozenset[str] = frozenset()
+    rate_limit: RateLimit | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyAuth:
+    """Where an API key is read: a header, and the query string only if named."""
+
+    header: str = "x-api-key"
+    query: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JwtKey:
+    """One verification key: a public key object, or an HMAC secret as bytes."""
+
+    kid: str | None
+    family: Literal["RSA", "EC", "OKP", "oct"]
+    key: Any = field(compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class JwtIssuer:
+    """One token issuer, its algorithm allow-list and where its keys come from."""
+
+    issuer: str
+    algorithms: tuple[str, ...]
+    audience: tuple[str, ...] = ()
+    keys: tuple[JwtKey, ...] = ()
+    jwks_url: str | None = None
+    consumer_claim: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JwtAuth:
+    """Bearer tokens: issuers, clock leeway and the claims that name a caller."""
+
+    issuers: tuple[JwtIssuer, ...]
+    leeway: float = 0.0
+    consumer_claim: str = "sub"
+    scopes_claim: str = "scope"
+    roles_claim: str = "roles"
+    require_exp: bool = True
+    jwks_refresh: float = 60.0
+    jwks_max_age: float = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityHeaders:
+    """Headers the gateway sets from the caller's identity (client copies removed)."""
+
+    consumer: str | None = None
+    claims: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """How callers are identified; `default` applies where a route says nothing."""
+
+    default: AuthMode = "none"
+    api_key: ApiKeyAuth | None = None
+    jwt: JwtAuth | None = None
+    identity_headers: IdentityHeaders = field(default_factory=IdentityHeaders)
+    realm: str = "strangler"
+
+
+@dataclass(frozen=True, slots=True)
+class SharedState:
+    """Redis holding counters that several gateways share."""
+
+    redis: str
+    host: str = "127.0.0.1"
+    port: int = 6379
+    db: int = 0
+    password: str | None = field(default=None, repr=False)
+    on_state_error: Literal["open", "deny"] = "open"
+    timeout: float = 0.25
+    prefix: str = "strangler"
+
+
+@dataclass(frozen=True, slots=True)
+class Tls:
+    """Certificate and key (PEM files) for TLS on the public listener."""
+
+    cert: Path
+    key: Path
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,3 +422,7 @@ class Rules:
     timeout: float = DEFAULT_TIMEOUT
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     drain_timeout: float = 30.0
+    consumers: dict[str, Consumer] = field(default_factory=dict)
+    auth: Auth | None = None
+    state: SharedState | None = None
+    tls: Tls | None = None

@@ -37,7 +37,9 @@ from strangler.model import (
     BalanceName,
     Compare,
     Consumer,
+    HeaderEdits,
     HeaderMatch,
+    HeaderRules,
     HealthCheck,
     IdentityHeaders,
     JwtAuth,
@@ -91,7 +93,14 @@ _ADDRESS = re.compile(r"(?:\[(?P<v6>[^\]]*)\]|(?P<host>[A-Za-z0-9_.-]+)):(?P<por
 _GROUP_REF = re.compile(r"\\(?:g<([^>]*)>|(\d+))")
 
 # Route keys that apply to every split entry that does not set its own.
-_FOLDED = ("rewrite", "transform", "timeout", "connect_timeout", "idle_timeout")
+_FOLDED = (
+    "rewrite",
+    "transform",
+    "timeout",
+    "connect_timeout",
+    "idle_timeout",
+    "headers",
+)
 
 Reader = Callable[["_Checker", Any, KeyPath], Any]
 
@@ -627,19 +636,94 @@ def _rewrite(checker: _Checker, value: Any, path: KeyPath) -> Rewrite | None:
     return Rewrite(**values)
 
 
+def _body_map(checker: _Checker, value: Any, path: KeyPath) -> Any:
+    from strangler.transforms.body_map import BodyMap
+
+    if not isinstance(value, list) or not value:
+        checker.report(path, f"expected a list of field operations, got {_show(value)}")
+        return None
+    try:
+        return BodyMap(value)
+    except ValueError as exc:
+        checker.report(path, str(exc))
+        return None
+
+
 _TRANSFORM = {
     "request": _choice(TRANSFORM_NAMES),
     "response": _choice(TRANSFORM_NAMES),
     "max_body": _positive_size,
+    "body": _body_map,
 }
 
 
 def _transform(checker: _Checker, value: Any, path: KeyPath) -> Transform | None:
     values = checker.fields(value, path, _TRANSFORM)
-    if isinstance(value, dict) and not ({"request", "response"} & value.keys()):
-        checker.report(path, "give 'request', 'response' or both")
+    if isinstance(value, dict) and not ({"request", "response", "body"} & value.keys()):
+        checker.report(path, "give 'request', 'response', 'body' or a combination")
         return None
     return Transform(**values) if values is not None else None
+
+
+_TEMPLATE = re.compile(r"\$\{([^}]*)\}")
+_TEMPLATE_NAMES = ("route", "upstream")
+
+
+def _header_template(checker: _Checker, value: Any, path: KeyPath) -> str | None:
+    text = _string(checker, value, path)
+    if text is None:
+        return None
+    for found in _TEMPLATE.finditer(text):
+        name = found.group(1)
+        if name in _TEMPLATE_NAMES or name.startswith("request.header."):
+            continue
+        checker.report(
+            path,
+            f"unknown reference ${{{name}}}; use ${{route}}, ${{upstream}} "
+            "or ${request.header.NAME}",
+        )
+        return None
+    if "\r" in text or "\n" in text:
+        checker.report(path, "a header value cannot contain a line break")
+        return None
+    return text
+
+
+def _header_pairs(
+    checker: _Checker, value: Any, path: KeyPath
+) -> tuple[tuple[str, str], ...] | None:
+    if not isinstance(value, dict):
+        checker.report(
+            path, f"expected a mapping of header names to values, got {_show(value)}"
+        )
+        return None
+    pairs = []
+    for name, raw in value.items():
+        header = _token(checker, name, (*path, name))
+        text = _header_template(checker, raw, (*path, name))
+        if header is None or text is None:
+            return None
+        pairs.append((header, text))
+    return tuple(pairs)
+
+
+_HEADER_EDITS = {
+    "set": _header_pairs,
+    "add": _header_pairs,
+    "remove": _list_of(_header_name),
+}
+
+
+def _header_edits(checker: _Checker, value: Any, path: KeyPath) -> HeaderEdits | None:
+    values = checker.fields(value, path, _HEADER_EDITS)
+    return HeaderEdits(**values) if values is not None else None
+
+
+def _header_rules(checker: _Checker, value: Any, path: KeyPath) -> HeaderRules | None:
+    values = checker.fields(
+        value, path, {"request": _header_edits, "response": _header_edits}
+    )
+    return HeaderRules(**values) if values is not None else None
 
 
 def _header_matches(
@@ -703,6 +787,7 @@ _SPLIT_ENTRY = {
     "connect_timeout": _duration,
     "fallback": _upstream_ref,
     "idle_timeout": _duration,
+    "headers": _header_rules,
 }
 
 
@@ -873,7 +958,9 @@ def _rule_dir(checker: _Checker) -> Path:
     return Path(checker.document.source).parent
 
 
-def _read_beside(checker: _Checker, value: Any, path: KeyPath) -> tuple[Path, bytes] | None:
+def _read_beside(
+    checker: _Checker, value: Any, path: KeyPath
+) -> tuple[Path, bytes] | None:
     """A file named relative to the rule file, and its bytes."""
     name = _text(checker, value, path)
     if name is None:
@@ -906,9 +993,7 @@ def _rate(checker: _Checker, value: Any, path: KeyPath) -> tuple[float, int] | N
     return count / period, count
 
 
-def _per(
-    checker: _Checker, value: Any, path: KeyPath
-) -> tuple[str, str | None] | None:
+def _per(checker: _Checker, value: Any, path: KeyPath) -> tuple[str, str | None] | None:
     """`consumer`, `ip`, `route` or `header:NAME`."""
     if isinstance(value, str) and value.startswith("header:"):
         name = _header_name(checker, value[len("header:") :], path)
@@ -999,7 +1084,8 @@ def _consumers(
 ) -> dict[str, Consumer] | None:
     if not isinstance(value, dict):
         checker.report(
-            path, f"expected a mapping of consumer names to consumers, got {_show(value)}"
+            path,
+            f"expected a mapping of consumer names to consumers, got {_show(value)}",
         )
         return None
     consumers: dict[str, Consumer] = {}
@@ -1121,7 +1207,8 @@ def _jwt_issuer(checker: _Checker, value: Any, path: KeyPath) -> JwtIssuer | Non
     missing = sorted(families - {key.family for key in keys})
     if keys and missing:
         checker.report(
-            where, f"no key for the {', '.join(missing)} algorithms listed in algorithms"
+            where,
+            f"no key for the {', '.join(missing)} algorithms listed in algorithms",
         )
         return None
     return JwtIssuer(
@@ -1143,7 +1230,9 @@ def _jwt_issuers(
     seen: set[str] = set()
     for i, issuer in enumerate(issuers):
         if issuer.issuer in seen:
-            checker.report((*path, i, "issuer"), f"issuer {issuer.issuer!r} is listed twice")
+            checker.report(
+                (*path, i, "issuer"), f"issuer {issuer.issuer!r} is listed twice"
+            )
             return None
         seen.add(issuer.issuer)
     return issuers
@@ -1204,7 +1293,9 @@ def _identity_headers(
 def _realm(checker: _Checker, value: Any, path: KeyPath) -> str | None:
     text = _text(checker, value, path)
     if text is not None and not _SCOPE.fullmatch(text.replace(" ", "_")):
-        checker.report(path, f"expected a realm without quotes or backslashes, got {text!r}")
+        checker.report(
+            path, f"expected a realm without quotes or backslashes, got {text!r}"
+        )
         return None
     return text
 
@@ -1247,7 +1338,7 @@ def _redis_url(checker: _Checker, value: Any, path: KeyPath) -> dict[str, Any] |
         checker.report(
             path,
             "expected a Redis URL like redis://127.0.0.1:6379/0, "
-            f"got {urlsplit(url)._replace(netloc=urlsplit(url).hostname or '').geturl()!r}",
+            f"got {url.rpartition('@')[2]!r}",
         )
         return None
     return {
@@ -1299,16 +1390,24 @@ def _security_consistent(checker: _Checker, values: dict[str, Any]) -> bool:
     consumers: dict[str, Consumer] = values.get("consumers", {})
     has_keys = any(consumer.key_hashes for consumer in consumers.values())
     checks: list[tuple[KeyPath, Route | None]] = [(("auth", "default"), None)]
-    checks += [(("routes", i), route) for i, route in enumerate(values.get("routes", ()))]
+    checks += [
+        (("routes", i), route) for i, route in enumerate(values.get("routes", ()))
+    ]
     for where, route in checks:
         mode = (route.auth if route is not None else None) or auth.default
         at = (*where, "auth") if route is not None else where
-        if mode in ("api_key", "any") and not has_keys and (
-            mode == "api_key" or auth.jwt is None
+        if (
+            mode in ("api_key", "any")
+            and not has_keys
+            and (mode == "api_key" or auth.jwt is None)
         ):
-            checker.report(at, f"auth {mode} needs consumers with api_keys; none have any")
-        if mode in ("jwt", "any") and auth.jwt is None and (
-            mode == "jwt" or not has_keys
+            checker.report(
+                at, f"auth {mode} needs consumers with api_keys; none have any"
+            )
+        if (
+            mode in ("jwt", "any")
+            and auth.jwt is None
+            and (mode == "jwt" or not has_keys)
         ):
             checker.report(at, f"auth {mode} needs auth.jwt with at least one issuer")
         if route is None:
@@ -1321,7 +1420,7 @@ def _security_consistent(checker: _Checker, values: dict[str, Any]) -> bool:
         if limit is not None and limit.per == "consumer" and mode == "none":
             checker.report(
                 (*where, "rate_limit"),
-                "per: consumer needs the route to authenticate; set auth or use per: ip",
+                "per: consumer needs the route to authenticate; set auth, or per: ip",
             )
     return checker.failures == before
 
@@ -1342,6 +1441,7 @@ _ROUTE = {
     "connect_timeout": _duration,
     "idle_timeout": _duration,
     "retries": _retries,
+    "headers": _header_rules,
     "auth": _choice(AUTH_MODES),
     "require": _require,
     "rate_limit": _rate_limit,

@@ -128,6 +128,7 @@ def load_yaml(
 
 
 _REFERENCE = re.compile(r"(?<!\$)\$\{[^}\n]*\}")
+_TEMPLATE_NAMES = ("route", "upstream")
 _PLACEHOLDER = re.compile(r"__strangler_ref_(\d+)__")
 
 
@@ -282,6 +283,8 @@ class _Walker:
             whole = found.group(0)
             if whole == "$${":
                 return "${"
+            if (found.group(1) or "").startswith("request.header."):
+                return whole
             body = _VARIABLE_BODY.fullmatch(found.group(1) or "")
             if body is None:
                 self.report(
@@ -292,6 +295,9 @@ class _Walker:
                 )
                 return whole
             name, default = body.group(1), body.group(2)
+            if name in _TEMPLATE_NAMES and default is None:
+                # ${route} and ${upstream} are filled per request, not from the environment.
+                return whole
             value = self.environ.get(name)
             if value:
                 return value

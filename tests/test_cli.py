@@ -221,3 +221,37 @@ def _wait_for_url(url: str, process: subprocess.Popen[str]) -> str:
         except OSError:
             time.sleep(0.1)
     pytest.fail(f"{url} never answered")
+
+
+def test_transform_shows_what_a_payload_becomes(tmp_path: Path) -> None:
+    import subprocess as sp
+
+    from strangler.demo import DEMO_RULES
+
+    request = sp.run(
+        [*COMMAND, "transform", str(DEMO_RULES), "users-v1", "--upstream", "users"],
+        input=b"<user><name>Ann</name><email>ann@example.test</email></user>",
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    response = sp.run(
+        [*COMMAND, "transform", str(DEMO_RULES), "users-v1", "--response"],
+        input=b'{"id": 3, "name": {"full": "Ann"}, "email": "a@x", "active": true}',
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    broken = sp.run(
+        [*COMMAND, "transform", str(DEMO_RULES), "users-v1"],
+        input=b"<user>",
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+
+    assert json.loads(request.stdout) == {"name": {"full": "Ann"}, "email": "ann@example.test"}
+    assert response.stdout.startswith(b"<?xml")
+    assert b'<user id="3">' in response.stdout and b"<name>Ann</name>" in response.stdout
+    assert broken.returncode == 1
+    assert b"malformed XML" in broken.stderr

@@ -172,3 +172,109 @@ async def test_routes_without_transform_are_untouched(demo, gateway):
     assert status_of(raw) == 200
     assert header_values(raw, b"x-served-by")[0].startswith(b"monolith-")
     assert b"<order" in raw
+
+
+@ensure
+async def test_header_edits_both_ways_with_references(backends, gateway):
+    backend = backends("users")
+    gw = gateway(
+        f"""
+        listen: 127.0.0.1:0
+        upstreams:
+          users: {{targets: [{backend.url}]}}
+        default: users
+        routes:
+          - name: users-v2
+            match: {{path: /api}}
+            to: users
+            headers:
+              request:
+                set: {{X-Api-Version: "2", X-Caller: "${{request.header.X-User-Id}}"}}
+                add: {{X-Route: "${{route}}/${{upstream}}"}}
+                remove: [X-Debug]
+              response:
+                set: {{X-Served-By: hidden}}
+                add: {{X-Gateway: strangler}}
+        """
+    )
+
+    raw = await raw_exchange(
+        gw.port,
+        b"GET /api/x HTTP/1.1\r\nHost: a\r\nX-User-Id: 42\r\nX-Debug: 1\r\n"
+        b"X-Api-Version: 1\r\nConnection: close\r\n\r\n",
+    )
+
+    seen = {name.lower(): value for name, value in backend.requests[0]["headers"]}
+    assert seen["x-api-version"] == "2"
+    assert seen["x-caller"] == "42"
+    assert seen["x-route"] == "users-v2/users"
+    assert "x-debug" not in seen
+    assert header_values(raw, b"x-served-by") == [b"hidden"]
+    assert header_values(raw, b"x-gateway") == [b"strangler"]
+
+
+@ensure
+async def test_body_map_renames_fields_both_ways(demo, gateway):
+    gw = gateway(
+        f"""
+        listen: 127.0.0.1:0
+        upstreams:
+          users: {{targets: [{demo.users_url}]}}
+        default: users
+        routes:
+          - name: v1-json
+            match: {{path: /api/v1/users}}
+            to: users
+            rewrite: {{prefix: /api/v1/users, to: /api/v2/users}}
+            transform:
+              body:
+                - rename: {{from: user_name, to: name.full}}
+        """
+    )
+    payload = json.dumps({"user_name": "Ada Lovelace", "email": "ada@example.test"}).encode()
+
+    raw = await raw_exchange(gw.port, _post(b"/api/v1/users", payload, b"application/json"))
+
+    assert status_of(raw) == 201, raw
+    created = json.loads(raw.split(b"\r\n\r\n", 1)[1])
+    assert created["user_name"] == "Ada Lovelace"
+    assert "name" not in created
+
+
+def _demo_rules_on(demo, users_weight: int) -> str:  # type: ignore[no-untyped-def]
+    """The shipped demo rule file, pointed at test ports and a chosen split."""
+    from strangler.demo import DEMO_RULES
+
+    text = DEMO_RULES.read_text()
+    text = text.replace("127.0.0.1:8080", "127.0.0.1:0").replace("127.0.0.1:8081", "127.0.0.1:0")
+    text = text.replace("http://127.0.0.1:9001", demo.monolith_urls[0])
+    text = text.replace("http://127.0.0.1:9002", demo.monolith_urls[1])
+    text = text.replace("http://127.0.0.1:9101", demo.users_url)
+    text = text.replace("{to: monolith, weight: 90}", f"{{to: monolith, weight: {100 - users_weight}}}")
+    return text.replace("weight: 10\n", f"weight: {users_weight}\n")
+
+
+@ensure
+async def test_demo_v1_clients_get_the_v1_xml_shape_from_the_new_service(demo, gateway):
+    gw = gateway(_demo_rules_on(demo, 100))
+
+    raw = await raw_exchange(
+        gw.port,
+        b"GET /api/v1/users/3 HTTP/1.1\r\nHost: a\r\nX-User-Id: 7\r\nConnection: close\r\n\r\n",
+    )
+    created = await raw_exchange(
+        gw.port,
+        _post(
+            b"/api/v1/users",
+            b"<user><name>Grace Hopper</name><email>grace@example.test</email>"
+            b"<active>true</active></user>",
+        ),
+    )
+
+    assert header_values(raw, b"x-served-by") == [b"users-1"]
+    user = ElementTree.fromstring(raw.split(b"\r\n\r\n", 1)[1])
+    assert user.tag == "user" and user.get("id") == "3"
+    assert user.findtext("name") and user.findtext("email")
+    assert status_of(created) == 201
+    made = ElementTree.fromstring(created.split(b"\r\n\r\n", 1)[1])
+    assert made.tag == "user" and made.findtext("name") == "Grace Hopper"

@@ -27,14 +27,18 @@ from strangler.errors import (
     UpstreamError,
 )
 from strangler.proxy import headers as hdr
+from strangler.proxy.header_edits import edit_request, edit_response
 from strangler.proxy.hooks import ShadowTap, Verdict
 from strangler.proxy.responses import error_response
+from strangler.security.paths import PathError, normalise_path
+from strangler.security.request_head import framing_problem, host_problem
 from strangler.stickiness import new_cookie_key, set_cookie_header, sticky_key
 from strangler.transforms import TransformError
 from strangler.transforms.xml_json import TRANSFORMS, content_type_for
 
 if TYPE_CHECKING:
     from strangler.balancing import TargetState
+    from strangler.model import Transform
     from strangler.gateway import Branch, GatewayState, RoutePlan, UpstreamRuntime
     from strangler.proxy.downstream import ClientConnection
     from strangler.proxy.upstream import TargetPool, UpstreamConnection
@@ -67,6 +71,24 @@ def accepts(transform: str, content_type: bytes | None) -> bool:
     return _INPUT_MARK[transform] in content_type.lower()
 
 
+def _converts_request(transform: Transform, content_type: bytes | None) -> bool:
+    """Whether a request body must be held for this transform."""
+    if transform.request is not None:
+        return accepts(transform.request, content_type)
+    return transform.body is not None and accepts("json_to_xml", content_type)
+
+
+def _converts_response(transform: Transform, content_type: bytes | None) -> bool:
+    """Whether a response body must be held for this transform."""
+    if transform.response is not None:
+        return accepts(transform.response, content_type)
+    return (
+        transform.body is not None
+        and transform.body.reversible
+        and accepts("json_to_xml", content_type)
+    )
+
+
 def _find(headers: hdr.Headers, lname: bytes) -> bytes | None:
     for name, value in headers:
         if name.lower() == lname:
@@ -79,6 +101,7 @@ class Exchange:
 
     __slots__ = (
         "body_kind",
+        "body_limit",
         "branch",
         "bytes_in",
         "attempts",
@@ -150,6 +173,7 @@ class Exchange:
         self.state: GatewayState = client.gateway.state
         client.gateway.metrics.in_flight += 1
         self.body_kind = NO_BODY
+        self.body_limit: int | None = None
         self.content_length = 0
         self.request_id = ""
         self.path = ""
@@ -198,6 +222,8 @@ class Exchange:
         if head is None:
             return
         self.head_bytes = head
+        if not self._body_within_limit():
+            return
         gate = self.state.gate
         if gate is not None:
             verdict = gate.check(self)
@@ -242,20 +268,31 @@ class Exchange:
         assert plan is not None and self.branch is not None
         if plan.shadow is not None:
             self.tap = plan.shadow.tap(self)
+        self._edit_request_headers()
         transform = self.branch.entry.transform
-        if transform is not None and transform.response is not None:
+        if transform is not None and (transform.response or transform.body) is not None:
             # The body must arrive uncompressed to be converted.
             self.kept = [e for e in self.kept if e[0] != b"accept-encoding"]
             self.head_bytes = self._render_head()
         if (
             transform is not None
-            and transform.request is not None
             and self.body_kind != NO_BODY
-            and accepts(transform.request, self.header_value(b"content-type"))
+            and _converts_request(transform, self.header_value(b"content-type"))
         ):
             self._buffer_request(transform.max_body)
             return
         self._send_to_target()
+
+    def _edit_request_headers(self) -> None:
+        branch, plan = self.branch, self.plan
+        assert branch is not None and plan is not None
+        rules = branch.entry.headers
+        if rules is None or rules.request is None:
+            return
+        self.kept = edit_request(
+            self.kept, rules.request, plan.name, branch.entry.to, self.header_value
+        )
+        self.head_bytes = self._render_head()
 
     def _buffer_request(self, max_body: int) -> None:
         """Hold the whole body for a request transform, refusing oversize early."""
@@ -272,15 +309,19 @@ class Exchange:
     def _transform_request(self) -> None:
         assert self.branch is not None and self.request_buffer is not None
         transform = self.branch.entry.transform
-        assert transform is not None and transform.request is not None
+        assert transform is not None
         body = b"".join(self.request_buffer)
         self.request_buffer = None
         try:
-            converted = TRANSFORMS[transform.request](body)
+            converted = body
+            if transform.request is not None:
+                converted = TRANSFORMS[transform.request](converted)
+            if transform.body is not None:
+                converted = transform.body.apply_body(converted)
         except TransformError as exc:
             self.reject(exc.status, "request_transform_failed", exc.message)
             return
-        content_type = content_type_for(transform.request)
+        content_type = content_type_for(transform.request or "xml_to_json")
         self.kept = [e for e in self.kept if e[0] != b"content-type"]
         self.kept.append((b"content-type", b"Content-Type", content_type))
         self.body_kind = LENGTH
@@ -408,7 +449,17 @@ class Exchange:
         return b"".join(parts)
 
     def _split_target(self) -> bool:
-        """Separate path and query; an absolute-form target keeps only its path."""
+        """Separate path and query; an absolute-form target keeps only its path.
+
+        The Host and chunked framing are checked first, and the path is
+        normalised (strangler.security.paths) before anything routes on it.
+        """
+        problem = host_problem(self.host)
+        if problem is None and self.body_kind == CHUNKED:
+            problem = framing_problem(self.header_value(b"transfer-encoding"), self.http11)
+        if problem is not None:
+            self.reject(400, "bad_request", problem)
+            return False
         url = self.url
         if url[:1] != b"/":
             if url == b"*" and self.method == b"OPTIONS":
@@ -423,10 +474,45 @@ class Exchange:
                 return False
             url = parsed.path + (b"?" + parsed.query if parsed.query else b"")
         path, _, query = url.partition(b"?")
-        path = path.partition(b"#")[0]
+        try:
+            path = normalise_path(path.partition(b"#")[0])
+        except PathError as exc:
+            self.reject(400, "bad_request", str(exc))
+            return False
         self.path = path.decode("latin-1")
         self.query = query.partition(b"#")[0]
         return True
+
+    def _body_within_limit(self) -> bool:
+        """Refuse a declared body over `max_body` at once; a chunked one is counted."""
+        route = self.plan.route if self.plan is not None else None
+        limit = route.max_body if route is not None else None
+        if limit is None:
+            limit = self.state.rules.limits.max_body
+        if limit is None or self.body_kind == NO_BODY:
+            return True
+        if self.body_kind == LENGTH and self.content_length > limit:
+            self.reject(413, "body_too_large", f"request body is over {limit} bytes")
+            return False
+        if self.body_kind == CHUNKED:
+            self.body_limit = limit
+        return True
+
+    def _body_too_large(self) -> None:
+        """A chunked body passed `max_body`: drop the upstream side, answer 413, close."""
+        limit = self.body_limit
+        self.body_limit = None
+        conn = self.conn
+        self._release_upstream()
+        if conn is not None:
+            conn.abort()
+        self.keep_alive = False
+        self.request_buffer = None
+        if self.response_started:
+            self.error = "body_too_large"
+            self._finish()
+            return
+        self.reject(413, "body_too_large", f"request body is over {limit} bytes")
 
     def _header_text(self, name: str) -> str | None:
         found = self.header_value(name.encode("latin-1"))
@@ -501,6 +587,9 @@ class Exchange:
         """A piece of the client's body (already de-chunked by the parser)."""
         self.bytes_in += len(data)
         if self.finished:
+            return
+        if self.body_limit is not None and self.bytes_in > self.body_limit:
+            self._body_too_large()
             return
         if self.tap is not None:
             self.tap.request_body(data)
@@ -608,9 +697,8 @@ class Exchange:
         transform = self.branch.entry.transform if self.branch is not None else None
         if (
             transform is not None
-            and transform.response is not None
             and not no_body
-            and accepts(transform.response, _find(headers, b"content-type"))
+            and _converts_response(transform, _find(headers, b"content-type"))
         ):
             self.response_saved = (status, reason, headers)
             self.response_buffer = []
@@ -652,6 +740,13 @@ class Exchange:
         self, status: int, reason: bytes, headers: hdr.Headers, no_body: bool
     ) -> None:
         self.response_started = True
+        branch = self.branch
+        if branch is not None and branch.entry.headers is not None:
+            edits = branch.entry.headers.response
+            if edits is not None and self.plan is not None:
+                headers = edit_response(
+                    headers, edits, self.plan.name, branch.entry.to, self.header_value
+                )
         if self.tap is not None:
             self.tap.primary_head(status, headers)
         upstream_length = None
@@ -743,12 +838,16 @@ class Exchange:
     def _transform_response(self) -> None:
         assert self.branch is not None and self.response_saved is not None
         transform = self.branch.entry.transform
-        assert transform is not None and transform.response is not None
+        assert transform is not None
         assert self.response_buffer is not None
         body = b"".join(self.response_buffer)
         self.response_buffer = None
         try:
-            converted = TRANSFORMS[transform.response](body)
+            converted = body
+            if transform.body is not None and transform.body.reversible:
+                converted = transform.body.reverse().apply_body(converted)
+            if transform.response is not None:
+                converted = TRANSFORMS[transform.response](converted)
         except TransformError as exc:
             log.error(
                 "response_transform_failed",
@@ -768,7 +867,7 @@ class Exchange:
             for name, value in headers
             if name.lower() not in _REPLACED_BY_TRANSFORM
         ]
-        headers.append((b"Content-Type", content_type_for(transform.response)))
+        headers.append((b"Content-Type", content_type_for(transform.response or "xml_to_json")))
         headers.append((b"Content-Length", b"%d" % len(converted)))
         self._write_response_head(status, reason, headers, False)
         self.bytes_out += len(converted)
