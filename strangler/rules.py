@@ -1492,6 +1492,11 @@ def _routes(checker: _Checker, value: Any, path: KeyPath) -> tuple[Route, ...] |
         if not isinstance(name, str):
             continue
         where = (*path, i, "name")
+        if name == "default":
+            checker.report(
+                where, "'default' names the catch-all route; choose another name"
+            )
+            continue
         if name in first_line:
             first = first_line[name]
             checker.report(

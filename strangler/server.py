@@ -74,6 +74,7 @@ class GatewayServer:
         self.gateway = Gateway(rules, reactor, access_log=access_log, runtime=self.runtime)
         self.port: Any = None
         self.admin_port: Any = None
+        self.migrations: Any = None  # a MigrationRunner once the admin API starts
         self.last_reload = ReloadResult(True, reactor.seconds(), [], str(rules.source))
         self._fingerprint = _fingerprint(rules.source)
         self._watcher: LoopingCall | None = None
@@ -85,7 +86,12 @@ class GatewayServer:
 
     def start(self, inherited_fd: int | None = None) -> Address:
         """Start listening (or serve a socket a supervisor bound); returns the address."""
-        factory = GatewayFactory(self.gateway)
+        tls = self.rules.tls
+        factory: Any = GatewayFactory(self.gateway, b"https" if tls else b"http")
+        if tls is not None:
+            from strangler.security.tls import tls_factory
+
+            factory = tls_factory(tls, factory)
         if inherited_fd is not None:
             import socket
 
@@ -117,10 +123,23 @@ class GatewayServer:
             )
         from strangler.admin.api import build_admin_site
 
+        self.start_migrations()
         self.admin_port = listen_tcp(self.reactor, address, build_admin_site(self))
         bound = self.admin_port.getHost()
         log.info("admin_listening", address=f"{bound.host}:{bound.port}")
         return Address(bound.host, bound.port)
+
+    def start_migrations(self) -> None:
+        """Run migration plans in this process (the one serving the admin API).
+
+        Plans saved beside the runtime weights are taken up where they were.
+        """
+        from strangler.migration.runner import MigrationRunner
+        from strangler.migration.state import MigrationStore, migrations_path
+
+        store = MigrationStore(migrations_path(self.state_path))
+        self.migrations = MigrationRunner(self.gateway, self.reactor, store)
+        self.migrations.run()
 
     def watch(self, interval: float = WATCH_INTERVAL) -> None:
         """Poll the rule file for changes and reload when its content changes."""
@@ -199,14 +218,14 @@ class GatewayServer:
             return self._stopping
         if self._watcher is not None and self._watcher.running:
             self._watcher.stop()
+        if self.migrations is not None:
+            self.migrations.stop()
         timeout = self.rules.drain_timeout if drain_timeout is None else drain_timeout
         self._stopping = defer.ensureDeferred(self._drain(timeout))
         return self._stopping
 
     async def _drain(self, timeout: float) -> None:
         self.gateway.draining = True
-        if self.admin_port is not None:
-            await self.admin_port.stopListening()
         if self.port is not None:
             await self.port.stopListening()
         connections = self.gateway.connections
@@ -221,6 +240,9 @@ class GatewayServer:
             await _sleep(self.reactor, 0.05)
         for conn in list(connections):
             conn.transport.loseConnection()
+        # The admin API stays up until here so load balancers see 503 on /health.
+        if self.admin_port is not None:
+            await self.admin_port.stopListening()
         self.gateway.close()
         if self.access_log is not None:
             self.access_log.close()
@@ -237,10 +259,7 @@ def _sleep(reactor: Any, seconds: float) -> defer.Deferred[None]:
 
 def inactive_features(rules: Rules) -> list[tuple[str, str]]:
     """(route, key) pairs the rules use that this version parses but does not act on."""
-    found = []
-    for route in rules.routes:
-        if route.shadow is not None:
-            found.append((route.name, "shadow"))
+    found: list[tuple[str, str]] = []
     return found
 
 

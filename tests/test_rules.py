@@ -881,7 +881,8 @@ def test_unknown_transform_name_is_reported() -> None:
 def test_transform_needs_a_direction() -> None:
     text = with_routes("  - name: r\n    to: users\n    transform: {max_body: 1MiB}\n")
     assert problems(text) == [
-        "rules/demo.yaml:10: routes[0].transform: give 'request', 'response' or both"
+        "rules/demo.yaml:10: routes[0].transform: give 'request', 'response', 'body' "
+        "or a combination"
     ]
 
 
@@ -1081,3 +1082,9 @@ def test_format_key_spells_paths_as_users_read_them() -> None:
     )
     assert format_key(("upstreams", "a b")) == 'upstreams["a b"]'
     assert format_key(()) == ""
+
+
+def test_route_named_default_is_refused() -> None:
+    text = with_routes("  - name: default\n    to: users\n")
+    (problem,) = problems(text)
+    assert problem.startswith("rules/demo.yaml:8: routes[0].name: 'default' names the catch-all")

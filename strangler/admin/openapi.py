@@ -1,0 +1,361 @@
+"""The admin API's OpenAPI 3.1 document, served at `/openapi.json`.
+
+Written by hand next to the endpoint table in `strangler.admin.api`, and
+held to it by the tests: every response the API sends is validated against
+these schemas, and every path and method here is probed on a running
+gateway. Schemas are closed (`additionalProperties: false`) so a field
+added to a response without a word here fails those tests.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from strangler import __version__
+from strangler.metrics import STATUS_CLASSES
+
+__all__ = ["openapi_document"]
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def _closed(properties: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """An object with exactly these properties, all required."""
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": list(properties),
+        "additionalProperties": False,
+        **extra,
+    }
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": schema}},
+    }
+
+
+_ERROR = {"$ref": "#/components/responses/Error"}
+_UNAUTHORIZED = {"$ref": "#/components/responses/Unauthorized"}
+_ROUTE_NAME = {
+    "name": "name",
+    "in": "path",
+    "required": True,
+    "description": "A route name from the rule file, or `default` for unmatched "
+    "requests.",
+    "schema": {"type": "string", "pattern": "^[A-Za-z0-9_.-]+$"},
+}
+_WEIGHT = {"type": "number", "minimum": 0, "maximum": 100, "multipleOf": 0.01}
+_WEIGHTS = {"type": "object", "additionalProperties": _WEIGHT}
+_TIME = {"type": "string", "format": "date-time"}
+_HTML = {
+    "description": "The dashboard: one HTML page with its script and style inline.",
+    "content": {"text/html": {"schema": {"type": "string"}}},
+}
+_PUBLIC: list[dict[str, list[str]]] = []
+
+_SCHEMAS: dict[str, Any] = {
+    "Error": _closed(
+        {
+            "error": {"type": "string", "description": "A stable code, snake_case."},
+            "message": {
+                "type": "string",
+                "description": "What went wrong, for people.",
+            },
+        }
+    ),
+    "Health": _closed({"status": {"enum": ["ok", "draining"]}}),
+    "Traffic": _closed(
+        {
+            "requests": {"type": "integer", "minimum": 0},
+            "status": _closed(
+                {name: {"type": "integer", "minimum": 0} for name in STATUS_CLASSES}
+            ),
+            "errors": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "Requests no upstream answered (a 502 or 504 "
+                "from the gateway).",
+            },
+            "mean_ms": {"type": "number", "minimum": 0},
+        },
+        description="What this route sent to this upstream since the gateway started.",
+    ),
+    "SplitEntry": _closed(
+        {
+            "upstream": {"type": "string"},
+            "weight": {**_WEIGHT, "description": "The share in force now, percent."},
+            "rule_weight": {**_WEIGHT, "description": "The share the rule file gives."},
+            "traffic": _ref("Traffic"),
+        }
+    ),
+    "HeaderMatch": _closed(
+        {"name": {"type": "string"}, "pattern": _nullable({"type": "string"})}
+    ),
+    "Match": _closed(
+        {
+            "summary": {"type": "string", "description": "The match on one line."},
+            "path": _nullable({"type": "string"}),
+            "path_regex": _nullable({"type": "string"}),
+            "methods": _nullable({"type": "array", "items": {"type": "string"}}),
+            "host": _nullable({"type": "string"}),
+            "headers": {"type": "array", "items": _ref("HeaderMatch")},
+        }
+    ),
+    "Sticky": _closed(
+        {
+            "by": {"enum": ["header", "cookie", "ip", "jwt_claim"]},
+            "name": {"type": "string"},
+        }
+    ),
+    "Shadow": _closed(
+        {"to": {"type": "string"}, "percent": {"type": "number", "minimum": 0}}
+    ),
+    "Route": _closed(
+        {
+            "name": {"type": "string"},
+            "line": _nullable({"type": "integer", "minimum": 0}),
+            "match": _nullable(_ref("Match")),
+            "split": {"type": "array", "items": _ref("SplitEntry"), "minItems": 1},
+            "source": {
+                "enum": ["rules", "runtime"],
+                "description": "Whether the weights come from the rule file or a "
+                "runtime change.",
+            },
+            "set_at": _nullable(_TIME),
+            "by": _nullable({"type": "string"}),
+            "sticky": _nullable(_ref("Sticky")),
+            "shadow": _nullable(_ref("Shadow")),
+        },
+        description="A route and its split; `default` (match null) takes what "
+        "no route matches.",
+    ),
+    "RouteList": _closed({"routes": {"type": "array", "items": _ref("Route")}}),
+    "SplitRequest": {
+        "type": "object",
+        "minProperties": 1,
+        "additionalProperties": _WEIGHT,
+        "description": "Upstream names to percentages. Unnamed upstreams get 0, "
+        "except that a single unnamed one takes the rest.",
+        "examples": [{"monolith": 50, "users": 50}, {"users": 25}],
+    },
+    "SplitResult": _closed(
+        {
+            "route": {"type": "string"},
+            "weights": _WEIGHTS,
+            "source": {"enum": ["rules", "runtime"]},
+            "set_at": _nullable(_TIME),
+            "by": _nullable({"type": "string"}),
+        }
+    ),
+    "Target": _closed(
+        {
+            "url": {"type": "string"},
+            "weight": {"type": "integer", "minimum": 1},
+            "active": {"type": "integer", "minimum": 0},
+            "available": {"type": "boolean"},
+        }
+    ),
+    "HealthCheck": _closed(
+        {
+            "path": {"type": "string"},
+            "interval": {"type": "number", "description": "Seconds."},
+            "timeout": {"type": "number", "description": "Seconds."},
+        }
+    ),
+    "Upstream": _closed(
+        {
+            "name": {"type": "string"},
+            "balance": {"enum": ["round_robin", "least_conn", "ip_hash", "random"]},
+            "health": _nullable(_ref("HealthCheck")),
+            "targets": {"type": "array", "items": _ref("Target")},
+        }
+    ),
+    "UpstreamList": _closed(
+        {"upstreams": {"type": "array", "items": _ref("Upstream")}}
+    ),
+    "ReloadResult": _closed(
+        {
+            "ok": {"type": "boolean"},
+            "at": _TIME,
+            "errors": {"type": "array", "items": {"type": "string"}},
+            "source": {"type": "string", "description": "The rule file."},
+        }
+    ),
+}
+
+_PATHS: dict[str, Any] = {
+    "/health": {
+        "get": {
+            "operationId": "getHealth",
+            "summary": "Liveness for load balancers; needs no token.",
+            "security": _PUBLIC,
+            "responses": {
+                "200": _json(_ref("Health"), "The gateway is serving."),
+                "503": _json(_ref("Health"), "The gateway is draining."),
+                "default": _ERROR,
+            },
+        }
+    },
+    "/": {
+        "get": {
+            "operationId": "getDashboardRoot",
+            "summary": "The dashboard page (it asks for the token itself).",
+            "security": _PUBLIC,
+            "responses": {"200": _HTML, "default": _ERROR},
+        }
+    },
+    "/dashboard": {
+        "get": {
+            "operationId": "getDashboard",
+            "summary": "The dashboard page, same as `/`.",
+            "security": _PUBLIC,
+            "responses": {"200": _HTML, "default": _ERROR},
+        }
+    },
+    "/routes": {
+        "get": {
+            "operationId": "listRoutes",
+            "summary": "Every route in rule-file order, then `default`.",
+            "responses": {
+                "200": _json(_ref("RouteList"), "The routes."),
+                "401": _UNAUTHORIZED,
+                "default": _ERROR,
+            },
+        }
+    },
+    "/routes/{name}": {
+        "parameters": [_ROUTE_NAME],
+        "get": {
+            "operationId": "getRoute",
+            "summary": "One route.",
+            "responses": {
+                "200": _json(_ref("Route"), "The route."),
+                "401": _UNAUTHORIZED,
+                "404": _json(_ref("Error"), "No route has that name."),
+                "default": _ERROR,
+            },
+        },
+    },
+    "/routes/{name}/split": {
+        "parameters": [_ROUTE_NAME],
+        "post": {
+            "operationId": "setSplit",
+            "summary": "Change a route's weights now; kept in the state file "
+            "until the rule file changes that route's weights.",
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref("SplitRequest")}},
+            },
+            "responses": {
+                "200": _json(_ref("SplitResult"), "The weights now in force."),
+                "400": _json(_ref("Error"), "The body or the weights are not valid."),
+                "401": _UNAUTHORIZED,
+                "404": _json(_ref("Error"), "No route has that name."),
+                "413": _json(_ref("Error"), "The body is too large."),
+                "415": _json(_ref("Error"), "The body is not JSON."),
+                "default": _ERROR,
+            },
+        },
+    },
+    "/upstreams": {
+        "get": {
+            "operationId": "listUpstreams",
+            "summary": "Every upstream and the state of each target.",
+            "responses": {
+                "200": _json(_ref("UpstreamList"), "The upstreams."),
+                "401": _UNAUTHORIZED,
+                "default": _ERROR,
+            },
+        }
+    },
+    "/reload": {
+        "get": {
+            "operationId": "getReload",
+            "summary": "The last reload attempt.",
+            "responses": {
+                "200": _json(_ref("ReloadResult"), "The last reload."),
+                "401": _UNAUTHORIZED,
+                "default": _ERROR,
+            },
+        },
+        "post": {
+            "operationId": "reload",
+            "summary": "Read the rule file again; a file that does not validate "
+            "is refused and the old rules keep serving.",
+            "responses": {
+                "200": _json(_ref("ReloadResult"), "The outcome, refused or not."),
+                "401": _UNAUTHORIZED,
+                "default": _ERROR,
+            },
+        },
+    },
+    "/metrics": {
+        "get": {
+            "operationId": "getMetrics",
+            "summary": "Prometheus metrics in the text exposition format.",
+            "responses": {
+                "200": {
+                    "description": "Requests, latency, bytes, in-flight, reloads.",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                },
+                "401": _UNAUTHORIZED,
+                "default": _ERROR,
+            },
+        }
+    },
+    "/openapi.json": {
+        "get": {
+            "operationId": "getOpenapi",
+            "summary": "This document.",
+            "responses": {
+                "200": _json({"type": "object"}, "The OpenAPI document."),
+                "401": _UNAUTHORIZED,
+                "default": _ERROR,
+            },
+        }
+    },
+}
+
+_DOCUMENT: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {
+        "title": "strangler admin API",
+        "version": __version__,
+        "description": "Routes, weights, upstream health, reloads and metrics "
+        "of a running strangler gateway. Send `Authorization: Bearer <admin.token>`; "
+        "only `/health` and the dashboard page answer without it.",
+    },
+    "security": [{"bearer": []}],
+    "paths": _PATHS,
+    "components": {
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        "schemas": _SCHEMAS,
+        "responses": {
+            "Error": _json(_ref("Error"), "Any other error."),
+            "Unauthorized": {
+                **_json(_ref("Error"), "The bearer token is missing or wrong."),
+                "headers": {
+                    "WWW-Authenticate": {
+                        "description": "Always `Bearer` with the realm.",
+                        "schema": {"type": "string"},
+                    }
+                },
+            },
+        },
+    },
+}
+
+
+def openapi_document() -> dict[str, Any]:
+    """A fresh copy of the document, safe for a caller to change."""
+    return copy.deepcopy(_DOCUMENT)
