@@ -10,7 +10,7 @@ and client library stay the standard ones.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client.core import (
@@ -46,6 +46,7 @@ class Metrics:
         self.series: dict[tuple[str, str], _Series] = {}
         self.in_flight = 0
         self.reloads = {"ok": 0, "error": 0}
+        self.sources: list[Callable[[], Any]] = []
 
     def observe(
         self,
@@ -85,8 +86,18 @@ class Metrics:
         return out
 
     def registry(self) -> CollectorRegistry:
+        """A registry for one scrape: request metrics plus every extra source.
+
+        `sources` are callables returning an object with `collect()` (or
+        None), so parts that are rebuilt on reload (the security gate) are
+        looked up at scrape time rather than captured once.
+        """
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Collector(self))
+        for source in self.sources:
+            collector = source()
+            if collector is not None:
+                registry.register(collector)
         return registry
 
 

@@ -1,0 +1,389 @@
+"""Hostile request heads, bodies and paths, sent as raw bytes to the real gateway.
+
+Each case is listed with its expected answer in docs/security.md; for each
+one the test checks the status and that nothing reached the upstream.
+"""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+from security_support import send
+from support import raw_exchange, status_of
+from twisted.internet import protocol, reactor
+
+from strangler.security.paths import PathError, normalise_path
+
+ensure = pytest_twisted.ensureDeferred
+
+
+def rules(backend: str, extra: str = "") -> str:
+    return f"""
+listen: 127.0.0.1:0
+access_log: false
+{extra}
+upstreams:
+  monolith:
+    targets: [{backend}]
+  admin:
+    targets: [{backend}]
+default: monolith
+routes:
+  - name: admin
+    match: {{path: /admin}}
+    to: admin
+  - name: small
+    match: {{path: /small}}
+    to: monolith
+    max_body: 16
+"""
+
+
+H = b"Host: gw.test\r\n"
+
+SMUGGLING = {
+    "content-length with transfer-encoding": b"POST / HTTP/1.1\r\n"
+    + H
+    + b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "duplicate content-length, same value": b"POST / HTTP/1.1\r\n"
+    + H
+    + b"Content-Length: 2\r\nContent-Length: 2\r\n\r\nab",
+    "duplicate content-length, other value": b"POST / HTTP/1.1\r\n"
+    + H
+    + b"Content-Length: 2\r\nContent-Length: 3\r\n\r\nabc",
+    "content-length list": b"POST / HTTP/1.1\r\n"
+    + H
+    + b"Content-Length: 2, 2\r\n\r\nab",
+    "signed content-length +": b"POST / HTTP/1.1\r\n"
+    + H
+    + b"Content-Length: +2\r\n\r\nab",
+    "signed content-length -": b"POST / HTTP/1.1\r\n"
+    + H
+    + b"Content-Length: -2\r\n\r\nab",
+    "non-numeric content-length": b"POST / HTTP/1.1\r\n"
+    + H
+    + b"Content-Length: 2a\r\n\r\nab",
+    "overflowing content-length": b"POST / HTTP/1.1\r\n"
+    + H
+    + b"Content-Length: 99999999999999999999999\r\n\r\n",
+    "transfer-encoding gzip, chunked": b"POST / HTTP/1.1\r\n"
+    + H
+    + b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+    "transfer-encoding chunked, chunked": b"POST / HTTP/1.1\r\n"
+    + H
+    + b"Transfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n",
+    "transfer-encoding twice": b"POST / HTTP/1.1\r\n"
+    + H
+    + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "transfer-encoding identity": b"POST / HTTP/1.1\r\n"
+    + H
+    + b"Transfer-Encoding: identity\r\n\r\n",
+    "transfer-encoding xchunked": b"POST / HTTP/1.1\r\n"
+    + H
+    + b"Transfer-Encoding: xchunked\r\n\r\n0\r\n\r\n",
+    "chunked on HTTP/1.0": b"POST / HTTP/1.0\r\n"
+    + H
+    + b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "chunk size not hex": b"POST / HTTP/1.1\r\n"
+    + H
+    + b"Transfer-Encoding: chunked\r\n\r\nzz\r\nab\r\n0\r\n\r\n",
+    "negative chunk size": b"POST / HTTP/1.1\r\n"
+    + H
+    + b"Transfer-Encoding: chunked\r\n\r\n-1\r\nab\r\n0\r\n\r\n",
+    "overflowing chunk size": b"POST / HTTP/1.1\r\n"
+    + H
+    + b"Transfer-Encoding: chunked\r\n\r\nffffffffffffffffff\r\nab\r\n0\r\n\r\n",
+    "chunk size ended by bare LF": b"POST / HTTP/1.1\r\n"
+    + H
+    + b"Transfer-Encoding: chunked\r\n\r\n2\nab\r\n0\r\n\r\n",
+    "chunk data longer than its size": b"POST / HTTP/1.1\r\n"
+    + H
+    + b"Transfer-Encoding: chunked\r\n\r\n2\r\nabX\r\n0\r\n\r\n",
+    "bare CR in a header value": b"GET / HTTP/1.1\r\n" + H + b"X-A: a\rb\r\n\r\n",
+    "bare LF in a header value": b"GET / HTTP/1.1\r\n" + H + b"X-A: a\nX-B: c\r\n\r\n",
+    "NUL in a header value": b"GET / HTTP/1.1\r\n" + H + b"X-A: a\x00b\r\n\r\n",
+    "whitespace before the colon": b"GET / HTTP/1.1\r\nHost : gw.test\r\n\r\n",
+    "space inside a header name": b"GET / HTTP/1.1\r\n" + H + b"X A: a\r\n\r\n",
+    "obsolete line folding": b"GET / HTTP/1.1\r\n" + H + b"X-A: a\r\n b\r\n\r\n",
+    "request line ended by bare LF": b"GET / HTTP/1.1\nHost: gw.test\n\n",
+    "missing Host": b"GET / HTTP/1.1\r\n\r\n",
+    "duplicate Host": b"GET / HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n\r\n",
+    "empty Host": b"GET / HTTP/1.1\r\nHost: \r\n\r\n",
+    "Host with a space": b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
+    "Host with markup": b'GET / HTTP/1.1\r\nHost: "><script>x</script>\r\n\r\n',
+    "Host with a path": b"GET / HTTP/1.1\r\nHost: a.test/evil\r\n\r\n",
+    "Host with userinfo": b"GET / HTTP/1.1\r\nHost: user@a.test\r\n\r\n",
+    "Host with a bad port": b"GET / HTTP/1.1\r\nHost: a.test:80x\r\n\r\n",
+    "absolute-form without a path": b"GET http://evil.test HTTP/1.1\r\n" + H + b"\r\n",
+}
+
+
+@ensure
+async def test_every_smuggling_and_host_case_gets_400_closes_and_reaches_nothing(
+    backends, gateway
+):
+    backend = backends("monolith")
+    gw = gateway(rules(backend.url))
+
+    answers = {}
+    for name, payload in SMUGGLING.items():
+        # A second, valid request pipelined behind: it must never be answered.
+        raw = await raw_exchange(
+            gw.port, payload + b"GET /after HTTP/1.1\r\n" + H + b"\r\n"
+        )
+        answers[name] = raw
+
+    for name, raw in answers.items():
+        assert status_of(raw) == 400, name
+        assert raw.count(b"HTTP/1.1 ") == 1, name
+        assert b"Connection: close" in raw, name
+        assert b"<script>" not in raw, name
+    assert backend.requests == []
+
+
+PATHS = {
+    # sent -> what the upstream receives
+    b"/a/./b": "/a/b",
+    b"/a/../b": "/b",
+    b"//a///b": "/a/b",
+    b"/a/b/": "/a/b/",
+    b"/a/%2e%2e/b": "/b",
+    b"/a/.%2E/b": "/b",
+    b"/%61pi/%7Eme": "/api/~me",
+    b"/a;jsessionid=1/b;x": "/a/b",
+    b"/a/b/..;/c": "/a/c",
+    b"/files/a%2fb": "/files/a%2Fb",
+    b"/q%20r": "/q%20r",
+    b"/.well-known/x": "/.well-known/x",
+}
+
+BAD_PATHS = [
+    b"/..",
+    b"/a/../../b",
+    b"/%2e%2e/admin",
+    b"/a\\b",
+    b"/a%5C..%5Cadmin",
+    b"/a%2F..%2Fadmin",
+    b"/a%252e%252e/admin",
+    b"/a%00b",
+    b"/a%0d%0aX-Injected:%201",
+    b"/a%zz",
+    b"/a%4",
+]
+
+
+@pytest.mark.parametrize(("sent", "expected"), PATHS.items())
+def test_normalise_path(sent, expected):
+    assert normalise_path(sent) == expected.encode()
+
+
+@pytest.mark.parametrize("sent", BAD_PATHS)
+def test_unsafe_path_is_refused(sent):
+    with pytest.raises(PathError):
+        normalise_path(sent)
+
+
+def test_plain_path_is_returned_as_is():
+    path = b"/api/v1/users/42"
+    assert normalise_path(path) is path
+
+
+@ensure
+async def test_upstream_receives_the_normalised_path(backends, gateway):
+    backend = backends("monolith")
+    gw = gateway(rules(backend.url))
+
+    for sent in PATHS:
+        raw = await raw_exchange(
+            gw.port,
+            b"GET " + sent + b"?x=%2e HTTP/1.1\r\n" + H + b"Connection: close\r\n\r\n",
+        )
+        assert status_of(raw) == 200, sent
+
+    assert [r["uri"] for r in backend.requests] == [
+        p + "?x=%2e" for p in PATHS.values()
+    ]
+
+
+@ensure
+async def test_route_is_chosen_on_the_normalised_path(backends, gateway):
+    mono, admin = backends("monolith"), backends("admin")
+    text = rules(mono.url).replace(
+        f"  admin:\n    targets: [{mono.url}]", f"  admin:\n    targets: [{admin.url}]"
+    )
+    gw = gateway(text)
+
+    for sent in (
+        b"/public/../admin/x",
+        b"//admin/x",
+        b"/%61dmin/x",
+        b"/admin;x/x",
+        b"/./admin/x",
+    ):
+        raw = await raw_exchange(
+            gw.port,
+            b"GET " + sent + b" HTTP/1.1\r\n" + H + b"Connection: close\r\n\r\n",
+        )
+        assert status_of(raw) == 200, sent
+
+    assert [r["uri"] for r in admin.requests] == ["/admin/x"] * 5
+    assert mono.requests == []
+
+
+@ensure
+async def test_unsafe_paths_get_400_and_reach_nothing(backends, gateway):
+    backend = backends("monolith")
+    gw = gateway(rules(backend.url))
+
+    for sent in BAD_PATHS:
+        raw = await raw_exchange(
+            gw.port, b"GET " + sent + b" HTTP/1.1\r\n" + H + b"\r\n"
+        )
+        assert status_of(raw) == 400, sent
+        assert b'"error":"bad_request"' in raw
+    assert backend.requests == []
+
+
+@ensure
+async def test_absolute_form_target_is_normalised_and_never_picks_the_host(
+    backends, gateway
+):
+    backend = backends("monolith")
+    gw = gateway(rules(backend.url))
+
+    raw = await raw_exchange(
+        gw.port,
+        b"GET http://127.0.0.1:1/x/../admin/y?z HTTP/1.1\r\n"
+        + H
+        + b"Connection: close\r\n\r\n",
+    )
+
+    assert status_of(raw) == 200
+    assert backend.requests[0]["uri"] == "/admin/y?z"
+
+
+# -- limits ------------------------------------------------------------
+
+
+@ensure
+async def test_declared_body_over_route_max_body_gets_413_at_once(backends, gateway):
+    backend = backends("monolith")
+    gw = gateway(rules(backend.url))
+
+    # Only the head is sent: the answer must not wait for the body.
+    status, raw = await send(
+        gw.port, b"POST /small HTTP/1.1\r\n" + H + b"Content-Length: 17\r\n\r\n"
+    )
+    fits, _ = await send(
+        gw.port,
+        b"POST /small HTTP/1.1\r\n"
+        + H
+        + b"Content-Length: 16\r\nConnection: close\r\n\r\n"
+        + b"x" * 16,
+    )
+
+    assert status == 413
+    assert b'"error":"body_too_large"' in raw
+    assert fits == 200
+    assert [r["body_bytes"] for r in backend.requests] == [16]
+
+
+@ensure
+async def test_chunked_body_over_max_body_gets_413_and_closes(backends, gateway):
+    backend = backends("monolith")
+    gw = gateway(rules(backend.url))
+
+    raw = await raw_exchange(
+        gw.port,
+        [
+            b"POST /small HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n",
+            b"a\r\n0123456789\r\n",
+            b"a\r\n0123456789\r\n0\r\n\r\nGET /after HTTP/1.1\r\n" + H + b"\r\n",
+        ],
+    )
+
+    assert status_of(raw) == 413
+    assert raw.count(b"HTTP/1.1 ") == 1
+    assert b"Connection: close" in raw
+    assert all(r["uri"] != "/after" for r in backend.requests)
+    assert all(r["body_bytes"] <= 16 for r in backend.requests)
+
+
+@ensure
+async def test_global_max_body_applies_to_routes_without_their_own(backends, gateway):
+    backend = backends("monolith")
+    gw = gateway(rules(backend.url, extra="limits: {max_body: 8}"))
+
+    over, _ = await send(
+        gw.port, b"POST /x HTTP/1.1\r\n" + H + b"Content-Length: 9\r\n\r\n123456789"
+    )
+    route_own, _ = await send(
+        gw.port,
+        b"POST /small HTTP/1.1\r\n"
+        + H
+        + b"Content-Length: 12\r\nConnection: close\r\n\r\n"
+        + b"x" * 12,
+    )
+
+    assert (over, route_own) == (413, 200)
+    assert [r["uri"] for r in backend.requests] == ["/small"]
+
+
+@ensure
+async def test_header_limits_answer_with_a_status(backends, gateway):
+    backend = backends("monolith")
+    gw = gateway(
+        rules(backend.url, extra="limits: {max_header_bytes: 1KiB, max_headers: 5}")
+    )
+
+    too_big, _ = await send(
+        gw.port, b"GET / HTTP/1.1\r\n" + H + b"X-Big: " + b"y" * 2048 + b"\r\n\r\n"
+    )
+    too_many, _ = await send(
+        gw.port,
+        b"GET / HTTP/1.1\r\n"
+        + H
+        + b"".join(b"X-%d: 1\r\n" % i for i in range(8))
+        + b"\r\n",
+    )
+    long_target, _ = await send(
+        gw.port, b"GET /" + b"a" * 2048 + b" HTTP/1.1\r\n" + H + b"\r\n"
+    )
+
+    assert (too_big, too_many, long_target) == (431, 431, 414)
+    assert backend.requests == []
+
+
+@ensure
+async def test_slow_request_head_gets_408(backends, gateway):
+    backend = backends("monolith")
+    gw = gateway(rules(backend.url, extra="limits: {client_header_timeout: 300ms}"))
+
+    raw = await raw_exchange(gw.port, b"GET / HTTP/1.1\r\nHost: gw", wait=3.0)
+
+    assert status_of(raw) == 408
+    assert backend.requests == []
+
+
+class _ConflictingFraming(protocol.Protocol):
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        )
+
+
+@ensure
+async def test_upstream_response_with_conflicting_framing_gets_502(gateway):
+    port = reactor.listenTCP(
+        0, protocol.Factory.forProtocol(_ConflictingFraming), interface="127.0.0.1"
+    )
+    try:
+        gw = gateway(rules(f"http://127.0.0.1:{port.getHost().port}"))
+        raw = await raw_exchange(
+            gw.port, b"GET / HTTP/1.1\r\n" + H + b"Connection: close\r\n\r\n"
+        )
+    finally:
+        await port.stopListening()
+
+    assert status_of(raw) == 502

@@ -1,0 +1,290 @@
+"""Rate limits shared through a real Redis, and what happens when Redis goes away.
+
+`redis-server` must be installed (`.ci/run` installs it; locally
+`apt-get install redis-server`). Tests that stop Redis start their own
+server on a free port; the others use the one `.ci/run` started
+(`STRANGLER_TEST_REDIS_URL`) with a key prefix of their own, or start one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from security_support import auth_rules, get, send, write_keys
+from support import header_values
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+
+ensure = pytest_twisted.ensureDeferred
+
+
+class RedisServer:
+    """A throwaway redis-server on 127.0.0.1, without persistence."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail(
+                "redis-server is not installed; install it with "
+                "`apt-get install -y redis-server` (.ci/run does this)"
+            )
+        self.port = _free_port()
+        self.process = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(tmp_path),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while not _accepts(self.port):
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                self.stop()
+                pytest.fail(f"redis-server did not start on port {self.port}")
+            time.sleep(0.02)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def keys(self, pattern: str) -> list[str]:
+        out = subprocess.run(
+            ["redis-cli", "-p", str(self.port), "--raw", "KEYS", pattern],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        )
+        return sorted(line for line in out.stdout.splitlines() if line)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+class ExistingRedis:
+    """The Redis `.ci/run` started, named by `STRANGLER_TEST_REDIS_URL`."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.port = int(url.rsplit(":", 1)[1].split("/")[0])
+
+    keys = RedisServer.keys
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis of this test's own, which the test may stop."""
+    server = RedisServer(tmp_path)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def shared_redis(tmp_path: Path) -> Iterator[RedisServer | ExistingRedis]:
+    """Any running Redis: the CI one when there is one, else a new one."""
+    url = os.environ.get("STRANGLER_TEST_REDIS_URL")
+    if url:
+        yield ExistingRedis(url)
+        return
+    server = RedisServer(tmp_path)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def prefix() -> str:
+    return "t" + uuid.uuid4().hex[:12]
+
+
+@pytest.fixture
+def closing() -> Iterator[list]:
+    """Gateways whose gates (and Redis connections) are closed after the test."""
+    gateways: list = []
+    yield gateways
+    for gw in gateways:
+        gate = gw.server.gateway.state.gate
+        if gate is not None:
+            gate.close()
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    for _ in range(200):
+        if condition():
+            return
+        await deferLater(reactor, 0.025, lambda: None)
+    raise AssertionError(f"gave up waiting for {what}")
+
+
+def _shared_rules(
+    backend: str,
+    url: str,
+    limit: str,
+    on_error: str = "open",
+    prefix: str = "strangler",
+) -> str:
+    routes = f"""
+  - name: shared
+    match: {{path: /shared}}
+    to: monolith
+    rate_limit: {limit}
+"""
+    extra = (
+        f"state: {{redis: '{url}', on_state_error: {on_error}, timeout: 500ms, "
+        f"prefix: {prefix}}}"
+    )
+    return auth_rules(backend, extra=extra, routes=routes)
+
+
+def _connected(gw) -> bool:  # type: ignore[no-untyped-def]
+    return gw.server.gateway.state.gate._shared.connected
+
+
+@ensure
+async def test_two_gateways_share_one_limit(
+    shared_redis, prefix, backends, gateway, tmp_path, closing
+):
+    write_keys(tmp_path)
+    backend = backends("monolith")
+    text = _shared_rules(
+        backend.url,
+        shared_redis.url,
+        "{rate: 1/m, burst: 4, per: route}",
+        prefix=prefix,
+    )
+    first, second = gateway(text), gateway(text)
+    closing += [first, second]
+    await until(
+        lambda: _connected(first) and _connected(second), "both gateways on Redis"
+    )
+
+    statuses = []
+    for i in range(10):
+        gw = first if i % 2 == 0 else second
+        status, raw = await send(gw.port, get("/shared/x"))
+        statuses.append(status)
+        if status == 429:
+            assert header_values(raw, b"ratelimit-limit") == [b"4"]
+            assert header_values(raw, b"retry-after") != []
+
+    assert statuses.count(200) == 4
+    assert statuses[:4] == [200] * 4
+    assert len(backend.requests) == 4
+    assert shared_redis.keys(f"{prefix}:rl:*") == [f"{prefix}:rl:r:shared:"]
+    assert first.server.gateway.state.gate.counters.state_errors == 0
+
+
+@ensure
+async def test_per_ip_limit_in_redis_is_shared_too(
+    shared_redis, prefix, backends, gateway, tmp_path, closing
+):
+    write_keys(tmp_path)
+    backend = backends("monolith")
+    text = _shared_rules(
+        backend.url, shared_redis.url, "{rate: 1/m, burst: 3, per: ip}", prefix=prefix
+    )
+    first, second = gateway(text), gateway(text)
+    closing += [first, second]
+    await until(
+        lambda: _connected(first) and _connected(second), "both gateways on Redis"
+    )
+
+    statuses = [(await send(gw.port, get("/shared")))[0] for gw in (first, second) * 3]
+
+    assert statuses == [200, 200, 200, 429, 429, 429]
+    assert shared_redis.keys(f"{prefix}:rl:*") == [f"{prefix}:rl:r:shared:ip:127.0.0.1"]
+
+
+@ensure
+async def test_redis_down_fails_open_with_a_local_limit(
+    redis, backends, gateway, tmp_path, closing
+):
+    write_keys(tmp_path)
+    backend = backends("monolith")
+    gw = gateway(
+        _shared_rules(backend.url, redis.url, "{rate: 1/m, burst: 2, per: ip}")
+    )
+    closing.append(gw)
+    await until(lambda: _connected(gw), "the gateway on Redis")
+    shared_first, _ = await send(gw.port, get("/shared"))
+
+    redis.stop()
+    await until(lambda: not _connected(gw), "the gateway to notice Redis is gone")
+    statuses = [(await send(gw.port, get("/shared")))[0] for _ in range(4)]
+
+    assert shared_first == 200
+    assert statuses == [200, 200, 429, 429]
+    assert gw.server.gateway.state.gate.counters.state_errors == 4
+    assert len(backend.requests) == 3
+
+
+@ensure
+async def test_unreachable_redis_in_deny_mode_gives_503(
+    backends, gateway, tmp_path, closing
+):
+    write_keys(tmp_path)
+    backend = backends("monolith")
+    nowhere = f"redis://127.0.0.1:{_free_port()}/0"
+    gw = gateway(_shared_rules(backend.url, nowhere, "{rate: 10/s, per: ip}", "deny"))
+    closing.append(gw)
+
+    status, raw = await send(gw.port, get("/shared"))
+    unlimited, _ = await send(gw.port, get("/open/page"))
+
+    assert status == 503
+    assert b'"error":"state_unavailable"' in raw
+    assert header_values(raw, b"retry-after") == [b"1"]
+    assert unlimited == 200
+    assert [r["uri"] for r in backend.requests] == ["/open/page"]
+    counters = gw.server.gateway.state.gate.counters
+    assert counters.refused[("state", "unavailable")] == 1
+
+
+@ensure
+async def test_unreachable_redis_fails_open_by_default(
+    backends, gateway, tmp_path, closing
+):
+    write_keys(tmp_path)
+    backend = backends("monolith")
+    nowhere = f"redis://127.0.0.1:{_free_port()}/0"
+    gw = gateway(_shared_rules(backend.url, nowhere, "{rate: 1/m, burst: 1, per: ip}"))
+    closing.append(gw)
+
+    statuses = [(await send(gw.port, get("/shared")))[0] for _ in range(2)]
+
+    assert statuses == [200, 429]
+    assert len(backend.requests) == 1
