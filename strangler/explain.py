@@ -51,7 +51,9 @@ class Explanation:
             key = self.sticky_key if self.sticky_key is not None else "(absent)"
             lines.append(f"sticky:     {self.sticky} = {key}")
         lines.append(f"decision:   {self.decision}")
-        lines.append(f"upstream:   {self.upstream} ({self.balance}: {', '.join(self.targets)})")
+        lines.append(
+            f"upstream:   {self.upstream} ({self.balance}: {', '.join(self.targets)})"
+        )
         if self.rewritten_path != self.path:
             lines.append(f"path:       {self.path} -> {self.rewritten_path}")
         else:
@@ -94,25 +96,36 @@ def explain(
         rewritten += "?" + query
     shadow = None
     if route is not None and route.shadow is not None:
-        shadow = f"{route.shadow.to} ({route.shadow.percent:g}% of {', '.join(sorted(route.shadow.methods))})"
+        methods = ", ".join(sorted(route.shadow.methods))
+        shadow = f"{route.shadow.to} ({route.shadow.percent:g}% of {methods})"
     return Explanation(
-        route=route.name if route is not None else f"{DEFAULT_ROUTE_NAME} (no route matched)",
+        route=route.name
+        if route is not None
+        else f"{DEFAULT_ROUTE_NAME} (no route matched)",
         route_line=route.line if route is not None else None,
         upstream=entry.to,
         path=target,
         rewritten_path=rewritten,
         decision=decision,
-        shares={e.to: e.weight for e in route.split} if route and len(route.split) > 1 else {},
-        sticky=f"{route.sticky.by} {route.sticky.name}".strip() if route and route.sticky else None,
+        shares={e.to: e.weight for e in route.split}
+        if route and len(route.split) > 1
+        else {},
+        sticky=f"{route.sticky.by} {route.sticky.name}".strip()
+        if route and route.sticky
+        else None,
         sticky_key=key,
         targets=[f"{t.url} (weight {t.weight})" for t in upstream.targets],
         balance=upstream.balance,
         transform_request=entry.transform.request if entry.transform else None,
         transform_response=entry.transform.response if entry.transform else None,
         timeout=_first(entry.timeout, upstream.timeout, rules.timeout),
-        connect_timeout=_first(entry.connect_timeout, upstream.connect_timeout, rules.connect_timeout),
+        connect_timeout=_first(
+            entry.connect_timeout, upstream.connect_timeout, rules.connect_timeout
+        ),
         shadow=shadow,
-        body_map=repr(entry.transform.body) if entry.transform and entry.transform.body else None,
+        body_map=repr(entry.transform.body)
+        if entry.transform and entry.transform.body
+        else None,
         header_edits=_describe_headers(entry),
     )
 

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import structlog
+from treq.client import HTTPClient
 from twisted.internet.task import LoopingCall
 from twisted.web.client import Agent, HTTPConnectionPool
-from treq.client import HTTPClient
 
 from strangler.balancing import TargetState
 from strangler.model import HealthCheck
@@ -59,7 +59,11 @@ class HealthChecker:
     """Probes every target of one upstream every `interval`."""
 
     def __init__(
-        self, upstream: str, check: HealthCheck, states: Sequence[TargetState], reactor: Any
+        self,
+        upstream: str,
+        check: HealthCheck,
+        states: Sequence[TargetState],
+        reactor: Any,
     ) -> None:
         self.upstream = upstream
         self.check = check
@@ -87,9 +91,13 @@ class HealthChecker:
     def _probe(self, target: TargetHealth) -> None:
         url = target.state.target.url.rstrip("/") + self.check.path
         self._in_flight += 1
-        request = self._client.get(url, timeout=self.check.timeout, allow_redirects=False)
+        request = self._client.get(
+            url, timeout=self.check.timeout, allow_redirects=False
+        )
         request.addCallback(self._answered, target)
-        request.addErrback(lambda failure: self._record(target, False, failure.getErrorMessage()))
+        request.addErrback(
+            lambda failure: self._record(target, False, failure.getErrorMessage())
+        )
         request.addBoth(self._done)
 
     def _answered(self, response: Any, target: TargetHealth) -> Any:

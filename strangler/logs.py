@@ -108,9 +108,6 @@ class AccessLog:
 
 def open_access_log(path: str, reactor: Any) -> AccessLog:
     """An access log writing to stdout (`-`) or appending to a file."""
-    sink: IO[bytes]
-    if path == "-":
-        sink = sys.stdout.buffer
-    else:
-        sink = open(path, "ab")  # noqa: SIM115 - lives as long as the gateway
+    # The file stays open as long as the gateway runs.
+    sink: IO[bytes] = sys.stdout.buffer if path == "-" else open(path, "ab")  # noqa: SIM115
     return AccessLog(sink, reactor)

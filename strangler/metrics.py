@@ -27,7 +27,15 @@ STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 class _Series:
     """Everything counted for one (route, upstream) pair."""
 
-    __slots__ = ("bytes_in", "bytes_out", "by_class", "buckets", "count", "errors", "total")
+    __slots__ = (
+        "buckets",
+        "by_class",
+        "bytes_in",
+        "bytes_out",
+        "count",
+        "errors",
+        "total",
+    )
 
     def __init__(self) -> None:
         self.by_class = [0, 0, 0, 0, 0]
@@ -74,14 +82,16 @@ class Metrics:
             series.errors += 1
 
     def summary(self) -> dict[str, dict[str, Any]]:
-        """Per route and upstream: requests, 5xx share, mean latency (for status views)."""
+        """Per route and upstream: requests by class, errors, mean latency."""
         out: dict[str, dict[str, Any]] = {}
         for (route, upstream), series in self.series.items():
             out.setdefault(route, {})[upstream] = {
                 "requests": series.count,
                 "status": dict(zip(STATUS_CLASSES, series.by_class, strict=True)),
                 "errors": series.errors,
-                "mean_ms": round(series.total / series.count * 1000, 3) if series.count else 0,
+                "mean_ms": round(series.total / series.count * 1000, 3)
+                if series.count
+                else 0,
             }
         return out
 
@@ -118,10 +128,14 @@ class _Collector(Collector):
             labels=["route", "upstream"],
         )
         received = CounterMetricFamily(
-            "strangler_request_bytes", "Request body bytes received.", labels=["route", "upstream"]
+            "strangler_request_bytes",
+            "Request body bytes received.",
+            labels=["route", "upstream"],
         )
         sent = CounterMetricFamily(
-            "strangler_response_bytes", "Response body bytes sent.", labels=["route", "upstream"]
+            "strangler_response_bytes",
+            "Response body bytes sent.",
+            labels=["route", "upstream"],
         )
         latency = HistogramMetricFamily(
             "strangler_request_duration_seconds",
@@ -137,7 +151,9 @@ class _Collector(Collector):
             sent.add_metric([route, upstream], series.bytes_out)
             cumulative = 0
             buckets = []
-            for bound, value in zip((*BUCKETS, float("inf")), series.buckets, strict=True):
+            for bound, value in zip(
+                (*BUCKETS, float("inf")), series.buckets, strict=True
+            ):
                 cumulative += value
                 buckets.append((_bound(bound), cumulative))
             latency.add_metric([route, upstream], buckets, series.total)
@@ -147,7 +163,9 @@ class _Collector(Collector):
         yield sent
         yield latency
         yield GaugeMetricFamily(
-            "strangler_in_flight_requests", "Requests being served now.", value=metrics.in_flight
+            "strangler_in_flight_requests",
+            "Requests being served now.",
+            value=metrics.in_flight,
         )
         reloads = CounterMetricFamily(
             "strangler_reloads", "Rule-file reloads by outcome.", labels=["outcome"]

@@ -27,7 +27,11 @@ class OutlierDetector:
     """Counts failures per target of one upstream and ejects repeat offenders."""
 
     def __init__(
-        self, upstream: str, policy: Outlier, states: Sequence[TargetState], reactor: Any
+        self,
+        upstream: str,
+        policy: Outlier,
+        states: Sequence[TargetState],
+        reactor: Any,
     ) -> None:
         self.upstream = upstream
         self.policy = policy
@@ -40,7 +44,10 @@ class OutlierDetector:
 
     def failure(self, state: TargetState) -> None:
         state.failures_in_a_row += 1
-        if state.failures_in_a_row >= self.policy.consecutive_failures and not state.ejected:
+        if (
+            state.failures_in_a_row >= self.policy.consecutive_failures
+            and not state.ejected
+        ):
             self._eject(state)
 
     def _eject(self, state: TargetState) -> None:

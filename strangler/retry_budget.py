@@ -1,9 +1,10 @@
-"""A retry budget: retries may add at most a share of an upstream's traffic.
+"""A retry budget: retries add at most a share of an upstream's traffic.
 
 Every first attempt deposits `ratio` of a token and time adds `min_per_second`
 tokens, up to `capacity`; every retry spends one. A fresh budget holds a few
-tokens so that a short incident is absorbed while outlier ejection catches up. When an upstream fails
-wholesale, retries stop once the budget is spent instead of doubling the load
+tokens so that a short incident is absorbed while outlier ejection catches
+up. When an upstream fails wholesale, retries stop once the budget is spent
+instead of doubling the load
 on whatever is left.
 """
 

@@ -37,7 +37,9 @@ class _CompiledMatch:
             return False
         if self.regex_search is not None and self.regex_search(path) is None:
             return False
-        if self.host is not None and (host is None or not _host_matches(self.host, host)):
+        if self.host is not None and (
+            host is None or not _host_matches(self.host, host)
+        ):
             return False
         for name, search in self.headers:
             value = header(name)

@@ -49,7 +49,9 @@ def resolve_weights(
     for name, value in requested.items():
         if name not in split:
             known = ", ".join(split)
-            raise WeightError(f"route {route!r} does not split to {name!r} (it has {known})")
+            raise WeightError(
+                f"route {route!r} does not split to {name!r} (it has {known})"
+            )
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise WeightError(f"weight for {name!r} must be a number, got {value!r}")
         if not 0 <= value <= 100 or round(value * 100) != round(value * 100, 6):

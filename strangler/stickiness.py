@@ -62,7 +62,7 @@ def set_cookie_header(sticky: Sticky, key: str) -> tuple[bytes, bytes]:
 
 
 def _jwt_claim(authorization: bytes | None, claim: str) -> str | None:
-    if not authorization or not authorization[:7].lower() == b"bearer ":
+    if not authorization or authorization[:7].lower() != b"bearer ":
         return None
     parts = authorization[7:].strip().split(b".")
     if len(parts) != 3:

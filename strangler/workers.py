@@ -58,7 +58,9 @@ def bind_listener(rules: Rules, listen_override: str | None) -> socket.socket:
 class Supervisor:
     """Starts, watches and stops the worker processes."""
 
-    def __init__(self, rules_path: Path, rules: Rules, count: int, sock: socket.socket) -> None:
+    def __init__(
+        self, rules_path: Path, rules: Rules, count: int, sock: socket.socket
+    ) -> None:
         self.rules_path = rules_path
         self.rules = rules
         self.count = count

@@ -15,7 +15,9 @@ COMMAND = [sys.executable, "-m", "strangler.cli"]
 START_LIMIT = 20.0
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
     """Run one short strangler command and capture its output."""
     return subprocess.run(
         [*COMMAND, *args],
@@ -30,7 +32,9 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30) 
 class ServeProcess:
     """`strangler serve RULES` in the background; knows its port once it listens."""
 
-    def __init__(self, rules: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, rules: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+    ) -> None:
         self.process = subprocess.Popen(
             [*COMMAND, "serve", str(rules), *args],
             stdout=subprocess.PIPE,

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-
 from support import Backend, RunningGateway, new_client, write_rules
 
 

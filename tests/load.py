@@ -74,7 +74,9 @@ class _Worker(protocol.Protocol):
 
     def on_message_complete(self) -> None:
         status = self.parser.get_status_code()
-        self.run.result.replies.append(Reply(self.index, status, self.headers, self.body))
+        self.run.result.replies.append(
+            Reply(self.index, status, self.headers, self.body)
+        )
         self.index = -1
         if self.parser.should_keep_alive():
             self._send_next()

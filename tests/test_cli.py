@@ -11,7 +11,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from cli_support import COMMAND, ServeProcess, run_cli
 from support import write_rules
 
@@ -68,9 +67,14 @@ def test_check_reports_every_problem_with_file_and_line(tmp_path: Path) -> None:
 
     assert result.returncode == 1
     lines = result.stderr.splitlines()
-    assert any(line.startswith(f"{rules}:5: upstreams.monolith.targets[0]") for line in lines)
+    assert any(
+        line.startswith(f"{rules}:5: upstreams.monolith.targets[0]") for line in lines
+    )
     assert any(f"{rules}:12: routes[0].split[1].to" in line for line in lines)
-    assert any(f"{rules}:10: routes[0].split" in line and "sum to 100" in line for line in lines)
+    assert any(
+        f"{rules}:10: routes[0].split" in line and "sum to 100" in line
+        for line in lines
+    )
     assert any(f"{rules}:13: routes[1].name" in line for line in lines)
     assert any(f"{rules}:14: routes[1].match.colour" in line for line in lines)
 
@@ -102,17 +106,27 @@ def test_explain_shows_route_split_sticky_pick_and_rewrite(tmp_path: Path) -> No
     picks = {}
     for user in ("1", "2", "3", "4", "5", "6", "7", "8"):
         result = run_cli(
-            "explain", str(rules), "GET", "/api/v1/users/42", "-H", f"X-User-Id: {user}", "--json"
+            "explain",
+            str(rules),
+            "GET",
+            "/api/v1/users/42",
+            "-H",
+            f"X-User-Id: {user}",
+            "--json",
         )
         assert result.returncode == 0, result.stderr
         picks[user] = json.loads(result.stdout)
 
-    text = run_cli("explain", str(rules), "GET", "/api/v1/users/42", "-H", "X-User-Id: 7")
+    text = run_cli(
+        "explain", str(rules), "GET", "/api/v1/users/42", "-H", "X-User-Id: 7"
+    )
 
     assert {p["route"] for p in picks.values()} == {"users-v1"}
     assert {p["upstream"] for p in picks.values()} == {"monolith", "users"}
     for pick in picks.values():
-        expected = "/api/v2/users/42" if pick["upstream"] == "users" else "/api/v1/users/42"
+        expected = (
+            "/api/v2/users/42" if pick["upstream"] == "users" else "/api/v1/users/42"
+        )
         assert pick["rewritten_path"] == expected
         assert pick["shares"] == {"monolith": 75, "users": 25}
     assert "route:      users-v1" in text.stdout
@@ -139,7 +153,16 @@ def _backend_server(tmp_path: Path) -> tuple[subprocess.Popen[bytes], int]:
     (tmp_path / "www").mkdir()
     (tmp_path / "www" / "hello.txt").write_text("hello from the monolith\n")
     process = subprocess.Popen(
-        ["python3", "-m", "http.server", str(port), "--bind", "127.0.0.1", "-d", str(tmp_path / "www")],
+        [
+            "python3",
+            "-m",
+            "http.server",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "-d",
+            str(tmp_path / "www"),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -168,7 +191,9 @@ def test_serve_proxies_to_default_and_exits_cleanly_on_sigterm(tmp_path: Path) -
     )
     gateway = ServeProcess(rules)
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{gateway.port}/hello.txt", timeout=10) as reply:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{gateway.port}/hello.txt", timeout=10
+        ) as reply:
             body = reply.read()
             request_id = reply.headers["X-Request-Id"]
     finally:
@@ -178,13 +203,17 @@ def test_serve_proxies_to_default_and_exits_cleanly_on_sigterm(tmp_path: Path) -
 
     assert body == b"hello from the monolith\n"
     assert code == 0
-    logged = [json.loads(line) for line in (tmp_path / "access.log").read_text().splitlines()]
+    logged = [
+        json.loads(line) for line in (tmp_path / "access.log").read_text().splitlines()
+    ]
     assert [line["request_id"] for line in logged] == [request_id]
     assert logged[0]["status"] == 200
 
 
 def test_demo_runs_answers_through_the_gateway_and_stops_on_ctrl_c() -> None:
-    offset = 10000 + (int(time.time() * 1000) % 9000)  # every demo port stays below the ephemeral range
+    offset = 10000 + (
+        int(time.time() * 1000) % 9000
+    )  # every demo port stays below the ephemeral range
     process = subprocess.Popen(
         [*COMMAND, "demo", "--port-offset", str(offset)],
         stdout=subprocess.PIPE,
@@ -214,7 +243,9 @@ def _wait_for_url(url: str, process: subprocess.Popen[str]) -> str:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            pytest.fail(f"demo exited early: {process.stderr.read() if process.stderr else ''}")
+            pytest.fail(
+                f"demo exited early: {process.stderr.read() if process.stderr else ''}"
+            )
         try:
             with urllib.request.urlopen(url, timeout=5) as reply:
                 return reply.headers["X-Served-By"]
@@ -250,8 +281,13 @@ def test_transform_shows_what_a_payload_becomes(tmp_path: Path) -> None:
         check=False,
     )
 
-    assert json.loads(request.stdout) == {"name": {"full": "Ann"}, "email": "ann@example.test"}
+    assert json.loads(request.stdout) == {
+        "name": {"full": "Ann"},
+        "email": "ann@example.test",
+    }
     assert response.stdout.startswith(b"<?xml")
-    assert b'<user id="3">' in response.stdout and b"<name>Ann</name>" in response.stdout
+    assert (
+        b'<user id="3">' in response.stdout and b"<name>Ann</name>" in response.stdout
+    )
     assert broken.returncode == 1
     assert b"malformed XML" in broken.stderr

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import pytest_twisted
-from twisted.web import resource, server
-from twisted.internet import reactor
-
 from load import get, run_load
+from support import sleep
+from twisted.internet import reactor
+from twisted.web import resource, server
+
 from strangler.balancing import TargetState
 from strangler.health import TargetHealth
 from strangler.model import HealthCheck, Target
-from support import sleep
 
-CHECK = HealthCheck(path="/health", interval=0.1, timeout=0.5, healthy_after=2, unhealthy_after=3)
+CHECK = HealthCheck(
+    path="/health", interval=0.1, timeout=0.5, healthy_after=2, unhealthy_after=3
+)
 
 
 def _state() -> TargetState:
@@ -22,7 +24,10 @@ def _state() -> TargetState:
 def test_target_leaves_after_unhealthy_after_failures_in_a_row() -> None:
     health = TargetHealth(_state())
 
-    changes = [health.record(ok, CHECK, "status 500") for ok in (False, False, True, False, False, False)]
+    changes = [
+        health.record(ok, CHECK, "status 500")
+        for ok in (False, False, True, False, False, False)
+    ]
 
     assert changes == [None, None, None, None, None, False]
     assert health.state.available is False
@@ -59,7 +64,9 @@ class _Switchable(resource.Resource):
 @pytest_twisted.ensureDeferred
 async def test_unhealthy_target_leaves_rotation_and_returns(gateway):
     one, two = _Switchable(b"one"), _Switchable(b"two")
-    ports = [reactor.listenTCP(0, server.Site(r), interface="127.0.0.1") for r in (one, two)]
+    ports = [
+        reactor.listenTCP(0, server.Site(r), interface="127.0.0.1") for r in (one, two)
+    ]
     urls = [f"http://127.0.0.1:{p.getHost().port}" for p in ports]
     try:
         gw = gateway(

@@ -12,7 +12,9 @@ from strangler.retry_budget import INITIAL, RetryBudget
 
 def _states(count: int) -> list[TargetState]:
     return [
-        TargetState(Target(f"http://127.0.0.1:{9000 + i}", "http", "127.0.0.1", 9000 + i))
+        TargetState(
+            Target(f"http://127.0.0.1:{9000 + i}", "http", "127.0.0.1", 9000 + i)
+        )
         for i in range(count)
     ]
 

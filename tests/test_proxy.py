@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest_twisted
-from twisted.internet import protocol, reactor
-
 from support import header_values, raw_exchange, status_of
+from twisted.internet import protocol, reactor
 
 ensure = pytest_twisted.ensureDeferred
 
@@ -93,7 +92,9 @@ async def test_rewrite_keeps_query_and_encoded_path(backends, gateway, client):
 """
     gw = gateway(two_upstreams(mono.url, users.url, routes=routes))
 
-    first = json.loads(await (await client.get(gw.url + "/api/v1/users/a%2Fb?q=1&q=2")).content())
+    first = json.loads(
+        await (await client.get(gw.url + "/api/v1/users/a%2Fb?q=1&q=2")).content()
+    )
     second = json.loads(await (await client.get(gw.url + "/old/15?z")).content())
 
     assert first["uri"] == "/api/v2/users/a%2Fb?q=1&q=2"
@@ -115,14 +116,22 @@ async def test_hop_by_hop_headers_are_removed_toward_upstream(backends, gateway)
 
     assert status_of(raw) == 200
     headers = seen_headers(mono.requests[0])
-    for dropped in ("x-secret-hop", "keep-alive", "te", "proxy-authorization", "proxy-thing"):
+    for dropped in (
+        "x-secret-hop",
+        "keep-alive",
+        "te",
+        "proxy-authorization",
+        "proxy-thing",
+    ):
         assert dropped not in headers
     assert headers["x-end-to-end"] == ["kept"]
     assert headers["host"] == ["shop.test"]
 
 
 @ensure
-async def test_client_connection_header_cannot_remove_gateway_headers(backends, gateway):
+async def test_client_connection_header_cannot_remove_gateway_headers(
+    backends, gateway
+):
     mono, users = backends("monolith"), backends("users")
     gw = gateway(two_upstreams(mono.url, users.url))
 
@@ -139,7 +148,9 @@ async def test_client_connection_header_cannot_remove_gateway_headers(backends, 
 
 
 @ensure
-async def test_forwarded_headers_from_untrusted_client_are_replaced(backends, gateway, client):
+async def test_forwarded_headers_from_untrusted_client_are_replaced(
+    backends, gateway, client
+):
     mono, users = backends("monolith"), backends("users")
     gw = gateway(two_upstreams(mono.url, users.url))
 
@@ -160,9 +171,13 @@ async def test_forwarded_headers_from_untrusted_client_are_replaced(backends, ga
 
 
 @ensure
-async def test_forwarded_headers_from_trusted_proxy_are_extended(backends, gateway, client):
+async def test_forwarded_headers_from_trusted_proxy_are_extended(
+    backends, gateway, client
+):
     mono, users = backends("monolith"), backends("users")
-    gw = gateway(two_upstreams(mono.url, users.url, extra="trusted_proxies: [127.0.0.0/8]"))
+    gw = gateway(
+        two_upstreams(mono.url, users.url, extra="trusted_proxies: [127.0.0.0/8]")
+    )
 
     await client.get(
         gw.url + "/",
@@ -184,9 +199,13 @@ async def test_request_id_is_kept_or_made_and_logged(backends, gateway, client):
     mono, users = backends("monolith"), backends("users")
     gw = gateway(two_upstreams(mono.url, users.url))
 
-    kept = await client.get(gw.url + "/a", headers={"X-Request-Id": ["abc-123-def-456"]})
+    kept = await client.get(
+        gw.url + "/a", headers={"X-Request-Id": ["abc-123-def-456"]}
+    )
     await kept.content()
-    made = await client.get(gw.url + "/b", headers={"X-Request-Id": ["bad id\twith junk"]})
+    made = await client.get(
+        gw.url + "/b", headers={"X-Request-Id": ["bad id\twith junk"]}
+    )
     await made.content()
 
     assert kept.headers.getRawHeaders("X-Request-Id") == ["abc-123-def-456"]
@@ -200,7 +219,9 @@ async def test_request_id_is_kept_or_made_and_logged(backends, gateway, client):
 
 
 @ensure
-async def test_access_log_has_one_record_with_decision_fields(backends, gateway, client):
+async def test_access_log_has_one_record_with_decision_fields(
+    backends, gateway, client
+):
     mono, users = backends("monolith"), backends("users")
     gw = gateway(two_upstreams(mono.url, users.url))
 
@@ -234,7 +255,9 @@ async def test_repeated_set_cookie_and_redirect_pass_through(backends, gateway):
 
     assert header_values(cookies, b"set-cookie") == [b"a=1; Path=/", b"b=2; Path=/"]
     assert status_of(redirect) == 302
-    assert header_values(redirect, b"location") == [b"http://example.test/elsewhere?x=1"]
+    assert header_values(redirect, b"location") == [
+        b"http://example.test/elsewhere?x=1"
+    ]
 
 
 @ensure
@@ -315,7 +338,11 @@ async def test_pipelined_requests_are_answered_in_order(backends, gateway):
         b"GET /third HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
     )
 
-    order = [piece for piece in (b"/slow?ms=150", b"/api/v2/users/1", b"/third") if piece in raw]
+    order = [
+        piece
+        for piece in (b"/slow?ms=150", b"/api/v2/users/1", b"/third")
+        if piece in raw
+    ]
     positions = [raw.index(piece) for piece in order]
     assert len(order) == 3
     assert positions == sorted(positions)
@@ -397,7 +424,9 @@ async def test_connect_method_is_refused(backends, gateway):
     mono, users = backends("monolith"), backends("users")
     gw = gateway(two_upstreams(mono.url, users.url))
 
-    raw = await raw_exchange(gw.port, b"CONNECT evil.test:443 HTTP/1.1\r\nHost: evil.test:443\r\n\r\n")
+    raw = await raw_exchange(
+        gw.port, b"CONNECT evil.test:443 HTTP/1.1\r\nHost: evil.test:443\r\n\r\n"
+    )
 
     assert status_of(raw) == 405
     assert mono.requests == []
@@ -406,7 +435,9 @@ async def test_connect_method_is_refused(backends, gateway):
 @ensure
 async def test_oversized_headers_get_431(backends, gateway):
     mono, users = backends("monolith"), backends("users")
-    gw = gateway(two_upstreams(mono.url, users.url, extra="limits: {max_header_bytes: 1KiB}"))
+    gw = gateway(
+        two_upstreams(mono.url, users.url, extra="limits: {max_header_bytes: 1KiB}")
+    )
 
     raw = await raw_exchange(
         gw.port, b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"y" * 4096 + b"\r\n\r\n"

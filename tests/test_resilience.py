@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest_twisted
-from twisted.internet import reactor
-
 from load import get, run_load
 from support import header_values, raw_exchange, sleep, status_of
 
 ensure = pytest_twisted.ensureDeferred
 
 
-def pool_rules(targets: list[str], upstream_extra: str = "", route_extra: str = "", top: str = "") -> str:
+def pool_rules(
+    targets: list[str], upstream_extra: str = "", route_extra: str = "", top: str = ""
+) -> str:
     listed = ", ".join(targets)
     return f"""
 listen: 127.0.0.1:0
@@ -38,7 +38,9 @@ def _post(path: str) -> bytes:
 
 
 @ensure
-async def test_refused_connection_is_retried_on_another_target_for_any_method(backends, gateway):
+async def test_refused_connection_is_retried_on_another_target_for_any_method(
+    backends, gateway
+):
     alive = backends("alive")
     dead = backends("dead")
     dead_url = dead.url
@@ -82,7 +84,9 @@ async def test_hanging_target_is_retried_after_timeout_when_allowed(backends, ga
     rewrite: {prefix: /hang, to: /api}
     retries: {attempts: 1, retry_on: [timeout]}
 """
-    text = pool_rules([hung.url, good.url]).replace("routes:\n", "routes:\n" + hung_route)
+    text = pool_rules([hung.url, good.url]).replace(
+        "routes:\n", "routes:\n" + hung_route
+    )
     gw = gateway(text)
     hung.resource.render = _hang_render(hung.resource)  # type: ignore[method-assign]
 
@@ -202,9 +206,13 @@ async def test_connection_limit_answers_503_with_retry_after(backends, gateway):
     limits = "    max_connections: 1\n    max_pending: 0"
     gw = gateway(pool_rules([slow.url], upstream_extra=limits))
 
-    first = raw_exchange(gw.port, b"GET /slow?ms=400 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    first = raw_exchange(
+        gw.port, b"GET /slow?ms=400 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    )
     await sleep(0.1)
-    second = await raw_exchange(gw.port, b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    second = await raw_exchange(
+        gw.port, b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    )
     first_reply = await first
 
     assert status_of(first_reply) == 200

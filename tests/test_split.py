@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import pytest_twisted
-
 from load import get, run_load
-from support import raw_exchange, header_values, sleep
+from support import header_values, raw_exchange, sleep
 
 ensure = pytest_twisted.ensureDeferred
 
 
-def split_rules(mono: str, users: str, users_weight: float, extra: str = "", sticky: str = "") -> str:
+def split_rules(
+    mono: str, users: str, users_weight: float, extra: str = "", sticky: str = ""
+) -> str:
     return f"""
 listen: 127.0.0.1:0
 expose_decision: true
@@ -108,16 +109,21 @@ async def test_cookie_stickiness_sets_a_cookie_and_honours_it(backends, gateway)
 @ensure
 async def test_override_header_forces_a_branch_but_not_a_stranger(backends, gateway):
     mono, users = backends("monolith"), backends("users")
-    rules = split_rules(mono.url, users.url, 0).replace(
-        "default: monolith", "default: monolith"
-    ) + "    override: {header: X-Strangler-Upstream}\n"
+    rules = (
+        split_rules(mono.url, users.url, 0).replace(
+            "default: monolith", "default: monolith"
+        )
+        + "    override: {header: X-Strangler-Upstream}\n"
+    )
     gw = gateway(rules)
 
     forced = await run_load(
         gw.port, lambda i: get("/api/v1/users", {"X-Strangler-Upstream": "users"}), 20
     )
     stranger = await run_load(
-        gw.port, lambda i: get("/api/v1/users", {"X-Strangler-Upstream": "127.0.0.1:22"}), 20
+        gw.port,
+        lambda i: get("/api/v1/users", {"X-Strangler-Upstream": "127.0.0.1:22"}),
+        20,
     )
 
     assert {r.headers[UPSTREAM] for r in forced.replies} == {b"users"}
@@ -127,10 +133,13 @@ async def test_override_header_forces_a_branch_but_not_a_stranger(backends, gate
 @ensure
 async def test_decision_headers_only_when_exposed(backends, gateway):
     mono, users = backends("monolith"), backends("users")
-    hidden = gateway(split_rules(mono.url, users.url, 50).replace("expose_decision: true", ""))
+    hidden = gateway(
+        split_rules(mono.url, users.url, 50).replace("expose_decision: true", "")
+    )
 
     raw = await raw_exchange(
-        hidden.port, b"GET /api/v1/users HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        hidden.port,
+        b"GET /api/v1/users HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
     )
 
     assert header_values(raw, b"x-strangler-route") == []
@@ -154,7 +163,12 @@ async def test_rule_file_edit_takes_effect_without_restart(backends, gateway):
     gw.server.watch(interval=0.2)
 
     gw.rules_path.write_text(split_rules(mono.url, users.url, 100))
-    await _wait_for(lambda: gw.server.gateway.state.plans["users-v1"].effective_weights()["users"] == 100)
+    await _wait_for(
+        lambda: (
+            gw.server.gateway.state.plans["users-v1"].effective_weights()["users"]
+            == 100
+        )
+    )
     result = await run_load(gw.port, lambda i: get("/api/v1/users"), 50)
 
     assert {r.headers[UPSTREAM] for r in result.replies} == {b"users"}
@@ -162,12 +176,16 @@ async def test_rule_file_edit_takes_effect_without_restart(backends, gateway):
 
 
 @ensure
-async def test_invalid_rule_file_is_refused_and_old_rules_keep_serving(backends, gateway):
+async def test_invalid_rule_file_is_refused_and_old_rules_keep_serving(
+    backends, gateway
+):
     mono, users = backends("monolith"), backends("users")
     gw = gateway(split_rules(mono.url, users.url, 0))
     gw.server.watch(interval=0.2)
 
-    gw.rules_path.write_text(split_rules(mono.url, users.url, 0).replace("weight: 0", "weight: 7"))
+    gw.rules_path.write_text(
+        split_rules(mono.url, users.url, 0).replace("weight: 0", "weight: 7")
+    )
     await _wait_for(lambda: not gw.server.last_reload.ok)
     result = await run_load(gw.port, lambda i: get("/api/v1/users"), 50)
 
@@ -198,7 +216,9 @@ async def test_ramp_by_rule_edits_under_load_loses_nothing_and_keeps_users_moved
     )
 
     for weight in (0, 1, 10, 50, 100):
-        gw.rules_path.write_text(split_rules(mono.url, users.url, weight, sticky=STICKY))
+        gw.rules_path.write_text(
+            split_rules(mono.url, users.url, weight, sticky=STICKY)
+        )
         reloaded = gw.server.reload()
         assert reloaded.ok, reloaded.errors
         result = await run_load(
@@ -211,7 +231,9 @@ async def test_ramp_by_rule_edits_under_load_loses_nothing_and_keeps_users_moved
         assert {r.status for r in result.replies} == {200}
         for reply in result.replies:
             history.setdefault(reply.index % keys, []).append(reply.headers[UPSTREAM])
-        on_users = {r.index % keys for r in result.replies if r.headers[UPSTREAM] == b"users"}
+        on_users = {
+            r.index % keys for r in result.replies if r.headers[UPSTREAM] == b"users"
+        }
         assert abs(len(on_users) / keys * 100 - weight) <= 6
 
     ramp_done = True

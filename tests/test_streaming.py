@@ -9,12 +9,11 @@ from __future__ import annotations
 import httptools
 import pytest
 import pytest_twisted
-from twisted.internet import defer, protocol, reactor
-from zope.interface import implementer
-from twisted.internet.interfaces import IPullProducer
-
 from cli_support import ServeProcess
 from support import write_rules
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.interfaces import IPullProducer
+from zope.interface import implementer
 
 GIB = 1024**3
 BLOCK = b"z" * 65536
@@ -31,6 +30,8 @@ def _read_slowly(transport, before: int, after: int) -> None:  # type: ignore[no
     if before // SLOW_EVERY != after // SLOW_EVERY:
         transport.pauseProducing()
         reactor.callLater(SLOW_PAUSE, transport.resumeProducing)
+
+
 MEMORY_LIMIT = 100 * 1024**2
 TIME_LIMIT = 240.0
 
@@ -61,7 +62,8 @@ class _StreamingBackend(protocol.Protocol):
         if self.parser.get_method() == b"POST":
             answer = str(self.received).encode()
             self.transport.write(
-                b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer)
+                b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(answer), answer)
             )
             return
         self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % GIB)

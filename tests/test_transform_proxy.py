@@ -7,10 +7,10 @@ import json
 import pytest
 import pytest_twisted
 from defusedxml import ElementTree
+from support import header_values, raw_exchange, status_of
 from twisted.internet import protocol, reactor
 
 from strangler.demo.backends import DemoPorts, start_demo_backends
-from support import header_values, raw_exchange, status_of
 
 ensure = pytest_twisted.ensureDeferred
 
@@ -88,7 +88,9 @@ async def test_xml_request_body_reaches_service_as_json(demo, gateway):
 async def test_malformed_xml_gets_400_and_reaches_nobody(demo, gateway):
     gw = gateway(translating_rules(demo.monolith_urls[0], demo.users_url))
 
-    raw = await raw_exchange(gw.port, _post(b"/api/v1/users", b"<user><name>oops</user>"))
+    raw = await raw_exchange(
+        gw.port, _post(b"/api/v1/users", b"<user><name>oops</user>")
+    )
 
     assert status_of(raw) == 400
     body = json.loads(raw.split(b"\r\n\r\n", 1)[1])
@@ -117,7 +119,9 @@ async def test_xml_entity_attack_gets_400(demo, gateway):
 
 @ensure
 async def test_body_over_transform_max_body_gets_413_before_buffering(demo, gateway):
-    gw = gateway(translating_rules(demo.monolith_urls[0], demo.users_url, ", max_body: 1KiB"))
+    gw = gateway(
+        translating_rules(demo.monolith_urls[0], demo.users_url, ", max_body: 1KiB")
+    )
 
     declared = await raw_exchange(
         gw.port,
@@ -148,11 +152,18 @@ class _NotJson(protocol.Protocol):
 
 @ensure
 async def test_unconvertible_response_gives_502(demo, gateway):
-    port = reactor.listenTCP(0, protocol.Factory.forProtocol(_NotJson), interface="127.0.0.1")
+    port = reactor.listenTCP(
+        0, protocol.Factory.forProtocol(_NotJson), interface="127.0.0.1"
+    )
     try:
-        gw = gateway(translating_rules(demo.monolith_urls[0], f"http://127.0.0.1:{port.getHost().port}"))
+        gw = gateway(
+            translating_rules(
+                demo.monolith_urls[0], f"http://127.0.0.1:{port.getHost().port}"
+            )
+        )
         raw = await raw_exchange(
-            gw.port, b"GET /api/v1/users/1 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+            gw.port,
+            b"GET /api/v1/users/1 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
         )
     finally:
         await port.stopListening()
@@ -166,7 +177,8 @@ async def test_routes_without_transform_are_untouched(demo, gateway):
     gw = gateway(translating_rules(demo.monolith_urls[0], demo.users_url))
 
     raw = await raw_exchange(
-        gw.port, b"GET /api/v1/orders/1001 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        gw.port,
+        b"GET /api/v1/orders/1001 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
     )
 
     assert status_of(raw) == 200
@@ -231,9 +243,13 @@ async def test_body_map_renames_fields_both_ways(demo, gateway):
                 - rename: {{from: user_name, to: name.full}}
         """
     )
-    payload = json.dumps({"user_name": "Ada Lovelace", "email": "ada@example.test"}).encode()
+    payload = json.dumps(
+        {"user_name": "Ada Lovelace", "email": "ada@example.test"}
+    ).encode()
 
-    raw = await raw_exchange(gw.port, _post(b"/api/v1/users", payload, b"application/json"))
+    raw = await raw_exchange(
+        gw.port, _post(b"/api/v1/users", payload, b"application/json")
+    )
 
     assert status_of(raw) == 201, raw
     created = json.loads(raw.split(b"\r\n\r\n", 1)[1])
@@ -246,11 +262,15 @@ def _demo_rules_on(demo, users_weight: int) -> str:  # type: ignore[no-untyped-d
     from strangler.demo import DEMO_RULES
 
     text = DEMO_RULES.read_text()
-    text = text.replace("127.0.0.1:8080", "127.0.0.1:0").replace("127.0.0.1:8081", "127.0.0.1:0")
+    text = text.replace("127.0.0.1:8080", "127.0.0.1:0").replace(
+        "127.0.0.1:8081", "127.0.0.1:0"
+    )
     text = text.replace("http://127.0.0.1:9001", demo.monolith_urls[0])
     text = text.replace("http://127.0.0.1:9002", demo.monolith_urls[1])
     text = text.replace("http://127.0.0.1:9101", demo.users_url)
-    text = text.replace("{to: monolith, weight: 90}", f"{{to: monolith, weight: {100 - users_weight}}}")
+    text = text.replace(
+        "{to: monolith, weight: 90}", f"{{to: monolith, weight: {100 - users_weight}}}"
+    )
     return text.replace("weight: 10\n", f"weight: {users_weight}\n")
 
 

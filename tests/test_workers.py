@@ -8,10 +8,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest_twisted
-from twisted.internet import threads
-
 from cli_support import ServeProcess
 from support import sleep, write_rules
+from twisted.internet import threads
 
 ensure = pytest_twisted.ensureDeferred
 
@@ -48,7 +47,8 @@ async def test_sigterm_drains_requests_in_flight_then_exits_zero(tmp_path, backe
     base = f"http://127.0.0.1:{gateway.port}"
     try:
         in_flight = [
-            threads.deferToThread(_fetch, f"{base}/slow?ms=1500&n={n}") for n in range(5)
+            threads.deferToThread(_fetch, f"{base}/slow?ms=1500&n={n}")
+            for n in range(5)
         ]
         await sleep(0.5)
         gateway.signal(signal.SIGTERM)
@@ -80,7 +80,9 @@ async def test_workers_share_the_port_and_a_dead_worker_is_replaced(tmp_path, ba
             if len(replaced) == 2 and workers[0] not in replaced:
                 break
             await sleep(0.1)
-        results = [await threads.deferToThread(_fetch, f"{base}/after/{n}") for n in range(20)]
+        results = [
+            await threads.deferToThread(_fetch, f"{base}/after/{n}") for n in range(20)
+        ]
     finally:
         code = gateway.stop()
 

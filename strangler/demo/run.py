@@ -1,4 +1,4 @@
-"""`strangler demo`: the bundled monolith, new users service and gateway in one process."""
+"""`strangler demo`: the bundled monolith, users service and gateway in one process."""
 
 from __future__ import annotations
 
@@ -62,20 +62,26 @@ def run_demo(port_offset: int = 0, reactor: Any = None) -> int:
     configure_logging()
     try:
         backends = start_demo_backends(reactor, _demo_ports(rules))
-    except Exception as exc:  # noqa: BLE001 - a taken port is reported plainly
+    except Exception as exc:
         print(f"cannot start the demo services: {exc}", file=sys.stderr)
-        print("another demo running? try: strangler demo --port-offset 100", file=sys.stderr)
+        print(
+            "another demo running? try: strangler demo --port-offset 100",
+            file=sys.stderr,
+        )
         return 1
     import tempfile
 
     state_dir = tempfile.mkdtemp(prefix="strangler-demo-")
     server = GatewayServer(
-        rules, reactor, lambda _path: rules, state_path=Path(state_dir) / "demo.state.json"
+        rules,
+        reactor,
+        lambda _path: rules,
+        state_path=Path(state_dir) / "demo.state.json",
     )
     try:
         address = server.start()
         server.start_admin()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         print(f"cannot start the gateway on {rules.listen}: {exc}", file=sys.stderr)
         backends.stop()
         return 1

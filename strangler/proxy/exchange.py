@@ -15,10 +15,9 @@ import time
 from typing import TYPE_CHECKING
 
 import httptools
+import structlog
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
-
-import structlog
 
 from strangler.errors import (
     ResponseTransformError,
@@ -38,8 +37,8 @@ from strangler.transforms.xml_json import TRANSFORMS, content_type_for
 
 if TYPE_CHECKING:
     from strangler.balancing import TargetState
-    from strangler.model import Transform
     from strangler.gateway import Branch, GatewayState, RoutePlan, UpstreamRuntime
+    from strangler.model import Transform
     from strangler.proxy.downstream import ClientConnection
     from strangler.proxy.upstream import TargetPool, UpstreamConnection
 
@@ -100,33 +99,30 @@ class Exchange:
     """A single request/response pair between one client and one upstream."""
 
     __slots__ = (
+        "attempts",
         "body_kind",
         "body_limit",
         "branch",
         "bytes_in",
-        "attempts",
         "bytes_out",
         "client",
-        "consumer",
-        "extra_response_headers",
         "conn",
+        "consumer",
         "content_length",
         "decision",
         "error",
+        "extra_response_headers",
         "failed_targets",
-        "finished",
         "fell_back_from",
+        "finished",
         "forwarded",
-        "holding",
-        "kept",
-        "request_buffer",
-        "response_buffer",
-        "response_saved",
         "head_bytes",
         "headers",
+        "holding",
         "host",
         "http11",
         "keep_alive",
+        "kept",
         "method",
         "path",
         "pending",
@@ -135,9 +131,12 @@ class Exchange:
         "pool",
         "query",
         "replay",
+        "request_buffer",
         "request_done",
         "request_id",
+        "response_buffer",
         "response_chunked",
+        "response_saved",
         "response_started",
         "retried_stale",
         "retries_used",
@@ -240,7 +239,9 @@ class Exchange:
             self._proceed()
 
     def _gate_broke(self, failure: Failure) -> None:
-        log.error("gate_failed", request_id=self.request_id, error=failure.getErrorMessage())
+        log.error(
+            "gate_failed", request_id=self.request_id, error=failure.getErrorMessage()
+        )
         if not self.finished:
             self.reject(503, "gate_unavailable", "the request could not be checked")
 
@@ -360,8 +361,10 @@ class Exchange:
                 hosts += 1
                 self.host = entry[2]
             elif lname == b"x-forwarded-for":
-                forwarded_for = entry[2] if forwarded_for is None else (
-                    forwarded_for + b", " + entry[2]
+                forwarded_for = (
+                    entry[2]
+                    if forwarded_for is None
+                    else (forwarded_for + b", " + entry[2])
                 )
                 continue
             elif lname == b"x-forwarded-proto":
@@ -383,7 +386,9 @@ class Exchange:
             self.request_id = hdr.new_request_id()
 
         if hosts != 1 and (self.http11 or hosts > 1):
-            problem = "missing Host header" if hosts == 0 else "more than one Host header"
+            problem = (
+                "missing Host header" if hosts == 0 else "more than one Host header"
+            )
             self.reject(400, "bad_request", problem)
             return None
         if self.method == b"CONNECT":
@@ -456,7 +461,9 @@ class Exchange:
         """
         problem = host_problem(self.host)
         if problem is None and self.body_kind == CHUNKED:
-            problem = framing_problem(self.header_value(b"transfer-encoding"), self.http11)
+            problem = framing_problem(
+                self.header_value(b"transfer-encoding"), self.http11
+            )
         if problem is not None:
             self.reject(400, "bad_request", problem)
             return False
@@ -499,7 +506,7 @@ class Exchange:
         return True
 
     def _body_too_large(self) -> None:
-        """A chunked body passed `max_body`: drop the upstream side, answer 413, close."""
+        """A chunked body passed `max_body`: drop the upstream, answer 413, close."""
         limit = self.body_limit
         self.body_limit = None
         conn = self.conn
@@ -600,7 +607,9 @@ class Exchange:
             limit = self.branch.entry.transform.max_body
             if self.bytes_in > limit:
                 self.request_buffer = None
-                self.reject(413, "body_too_large", f"request body is over {limit} bytes")
+                self.reject(
+                    413, "body_too_large", f"request body is over {limit} bytes"
+                )
             return
         replay = self.replay
         if replay is not None:
@@ -663,7 +672,11 @@ class Exchange:
             self.client.resume_reading(self.client.PAUSE_BUFFER)
         assert self.branch is not None
         conn.send(
-            self, data, self.branch.timeout, self.branch.idle_timeout, self.method == b"HEAD"
+            self,
+            data,
+            self.branch.timeout,
+            self.branch.idle_timeout,
+            self.method == b"HEAD",
         )
         if not self.request_done:
             conn.transport.registerProducer(self.client, True)
@@ -691,9 +704,7 @@ class Exchange:
             else:
                 branch.upstream.outlier.success(self.target)
         self.status = status
-        no_body = (
-            self.method == b"HEAD" or status in _NO_BODY_STATUS or status == 101
-        )
+        no_body = self.method == b"HEAD" or status in _NO_BODY_STATUS or status == 101
         transform = self.branch.entry.transform if self.branch is not None else None
         if (
             transform is not None
@@ -812,7 +823,8 @@ class Exchange:
                 if conn is not None:
                     conn.abort()
                 self.upstream_failed(
-                    ResponseTransformError(f"response body is over {limit} bytes"), False
+                    ResponseTransformError(f"response body is over {limit} bytes"),
+                    False,
                 )
             return
         self.bytes_out += len(data)
@@ -857,7 +869,9 @@ class Exchange:
                 reason=exc.message,
             )
             self.upstream_failed(
-                ResponseTransformError(f"the upstream's answer could not be converted: {exc.message}"),
+                ResponseTransformError(
+                    f"the upstream's answer could not be converted: {exc.message}"
+                ),
                 False,
             )
             return
@@ -867,7 +881,9 @@ class Exchange:
             for name, value in headers
             if name.lower() not in _REPLACED_BY_TRANSFORM
         ]
-        headers.append((b"Content-Type", content_type_for(transform.response or "xml_to_json")))
+        headers.append(
+            (b"Content-Type", content_type_for(transform.response or "xml_to_json"))
+        )
         headers.append((b"Content-Length", b"%d" % len(converted)))
         self._write_response_head(status, reason, headers, False)
         self.bytes_out += len(converted)
@@ -915,7 +931,9 @@ class Exchange:
                 self._send_to_target()
                 return True
         if self._may_retry(error.retry_kind):
-            if failed is not None and len(self.failed_targets) + 1 < len(upstream.states):
+            if failed is not None and len(self.failed_targets) + 1 < len(
+                upstream.states
+            ):
                 self.failed_targets = (*self.failed_targets, failed)
             self.retries_used += 1
             self._send_to_target()
@@ -1054,7 +1072,9 @@ class Exchange:
         self._record()
 
     def _can_replay(self) -> bool:
-        return self.request_done and self.replay is not None or self.body_kind == NO_BODY
+        return (
+            self.request_done and self.replay is not None
+        ) or self.body_kind == NO_BODY
 
     def _release_upstream(self) -> None:
         conn, self.conn = self.conn, None
@@ -1129,4 +1149,3 @@ class Exchange:
                 "error": self.error or None,
             }
         )
-

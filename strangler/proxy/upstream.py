@@ -9,7 +9,9 @@ saves an allocation and a callback chain per request.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol as TypingProtocol
+import contextlib
+from typing import TYPE_CHECKING, Any
+from typing import Protocol as TypingProtocol
 
 import httptools
 from twisted.internet import protocol
@@ -337,10 +339,8 @@ class TargetPool:
         """A connection closed: make sure it is never handed out again."""
         if conn.connecting is None:
             self.open_connections -= 1
-        try:
+        with contextlib.suppress(ValueError):
             self.idle.remove(conn)
-        except ValueError:
-            pass
 
     def close_idle(self) -> None:
         """Close every idle connection (on shutdown or when a target is removed)."""
