@@ -207,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     from strangler.shadow.cli import register_commands as register_shadow_commands
 
     register_shadow_commands(sub)
+    from strangler.migration.cli import register_commands as register_migrate_commands
+
+    register_migrate_commands(sub)
     return parser
 
 

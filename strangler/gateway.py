@@ -29,6 +29,8 @@ from strangler.runtime_weights import (
     WeightOverride,
     resolve_weights,
 )
+from strangler.shadow.mirror import build_mirror
+from strangler.shadow.registry import ShadowRegistry
 from strangler.splitting import Splitter
 
 DEFAULT_ROUTE_NAME = "default"
@@ -156,13 +158,19 @@ class GatewayState:
         previous: GatewayState | None = None,
         rng: random.Random | None = None,
         runtime: RuntimeWeights | None = None,
+        shadows: ShadowRegistry | None = None,
     ) -> None:
         self.rules = rules
         self.rng = rng or random.Random()
         self.runtime = runtime if runtime is not None else RuntimeWeights()
+        self.shadows = shadows if shadows is not None else ShadowRegistry(reactor)
         self.router = Router(rules.routes)
         self.upstreams = self._bind_upstreams(rules, reactor, previous)
-        self.gate: RequestGate | None = None
+        from strangler.security.gate import build_gate
+
+        self.gate: RequestGate | None = build_gate(
+            rules, reactor, previous.gate if previous is not None else None
+        )
         self.plans = {route.name: self._plan(route) for route in rules.routes}
         default_entry = SplitEntry(to=rules.default)
         self.default_plan = RoutePlan(
@@ -246,6 +254,7 @@ class GatewayState:
             by_upstream={b.entry.to: i for i, b in enumerate(branches)},
             weight_source=source,
             fallbacks=self._fallbacks(route, branches),
+            shadow=build_mirror(route, self, self.shadows),
         )
 
     def _fallbacks(self, route: Route, branches: tuple[Branch, ...]) -> dict[str, Branch]:
@@ -319,9 +328,16 @@ class Gateway:
         self.reactor = reactor
         self.rng = rng or random.Random()
         self.runtime = runtime if runtime is not None else RuntimeWeights()
-        self.state = GatewayState(rules, reactor, rng=self.rng, runtime=self.runtime)
+        # Shadow counts, learned noise and shadow pools outlive reloads.
+        self.shadows = ShadowRegistry(reactor)
+        self.state = GatewayState(
+            rules, reactor, rng=self.rng, runtime=self.runtime, shadows=self.shadows
+        )
         self.access_log = access_log
         self.metrics = Metrics()
+        self.metrics.sources.append(
+            lambda: self.state.gate.counters if self.state.gate is not None else None
+        )
         self.connections: set[Any] = set()
         self.draining = False
 
@@ -333,11 +349,18 @@ class Gateway:
         """Switch to new rules; requests already running finish on the old state."""
         old = self.state
         new = GatewayState(
-            rules, self.reactor, previous=old, rng=self.rng, runtime=self.runtime
+            rules,
+            self.reactor,
+            previous=old,
+            rng=self.rng,
+            runtime=self.runtime,
+            shadows=self.shadows,
         )
         self.state = new
         for runtime in old.retired_upstreams(new):
             runtime.close()
+        if old.gate is not None:
+            old.gate.close(keep=new.gate)
         return new
 
     def set_weights(
@@ -349,3 +372,6 @@ class Gateway:
     def close(self) -> None:
         for runtime in self.state.upstreams.values():
             runtime.close()
+        if self.state.gate is not None:
+            self.state.gate.close()
+        self.shadows.close()

@@ -876,12 +876,20 @@ def _override(checker: _Checker, value: Any, path: KeyPath) -> Override | None:
 
 
 def _json_path(checker: _Checker, value: Any, path: KeyPath) -> str | None:
+    from strangler.shadow.jsonpath import JsonPathError, parse_path
+
     text = _text(checker, value, path)
     if text is not None and not text.startswith("$"):
         checker.report(
             path, f"expected a JSON path like $.meta.generated_at, got {text!r}"
         )
         return None
+    if text is not None:
+        try:
+            parse_path(text)
+        except JsonPathError as exc:
+            checker.report(path, str(exc))
+            return None
     return text
 
 

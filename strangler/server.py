@@ -123,8 +123,8 @@ class GatewayServer:
             )
         from strangler.admin.api import build_admin_site
 
-        self.start_migrations()
         self.admin_port = listen_tcp(self.reactor, address, build_admin_site(self))
+        self.start_migrations()
         bound = self.admin_port.getHost()
         log.info("admin_listening", address=f"{bound.host}:{bound.port}")
         return Address(bound.host, bound.port)

@@ -43,11 +43,14 @@ class ServeProcess:
             start_new_session=True,
         )
         self.events: list[dict[str, Any]] = []
+        self.wants_admin = "admin:" in rules.read_text() and "--workers" not in args
         self.port = self._wait_for_listening()
 
     def _wait_for_listening(self) -> int:
+        """Read the log until the gateway (and its admin API, if any) listens."""
         assert self.process.stdout is not None
         deadline = time.monotonic() + START_LIMIT
+        port = None
         while time.monotonic() < deadline:
             line = self.process.stdout.readline()
             if not line:
@@ -55,7 +58,12 @@ class ServeProcess:
             event = json.loads(line)
             self.events.append(event)
             if event.get("event") == "listening":
-                return int(event["address"].rsplit(":", 1)[1])
+                port = int(event["address"].rsplit(":", 1)[1])
+            admin_ready = not self.wants_admin or any(
+                e.get("event") == "admin_listening" for e in self.events
+            )
+            if port is not None and admin_ready:
+                return port
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait(5)

@@ -39,6 +39,7 @@ from strangler.migration.admin import (
 from strangler.migration.runner import MigrationError
 from strangler.model import Match
 from strangler.runtime_weights import WeightError
+from strangler.shadow.admin import ShadowCollector, shadow_route, shadow_summary
 
 if TYPE_CHECKING:
     from strangler.server import GatewayServer, ReloadResult
@@ -117,6 +118,8 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("/reload", {"GET": "get_reload", "POST": "post_reload"}),
     Endpoint("/metrics", {"GET": "get_metrics"}),
     Endpoint("/openapi.json", {"GET": "get_openapi"}),
+    Endpoint("/shadow", {"GET": "get_shadow"}),
+    Endpoint("/shadow/{route}", {"GET": "get_shadow_route"}),
     Endpoint("/migrations", {"GET": "get_migrations", "POST": "post_migrations"}),
     Endpoint("/migrations/{name}", {"GET": "get_migration"}),
     Endpoint("/migrations/{name}/{action}", {"POST": "post_migration_action"}),
@@ -145,7 +148,7 @@ class _AdminRequest(server.Request):
 class _AdminSite(server.Site):
     """The admin site; state changes are logged by the handlers, not per request."""
 
-    requestFactory = _AdminRequest  # noqa: N815 - Twisted's attribute name
+    requestFactory = _AdminRequest
 
     def log(self, request: http.Request) -> None:
         return None
@@ -154,7 +157,7 @@ class _AdminSite(server.Site):
 class AdminResource(resource.Resource):
     """Routes every admin request through `ENDPOINTS`, after the token check."""
 
-    isLeaf = True  # noqa: N815 - Twisted's attribute name
+    isLeaf = True
 
     def __init__(self, gateway_server: GatewayServer) -> None:
         super().__init__()
@@ -382,8 +385,20 @@ class AdminResource(resource.Resource):
         return json_reply(_reload_view(result))
 
     def get_metrics(self, request: server.Request) -> Reply:
-        text = generate_latest(self.gateway_server.gateway.metrics.registry())
+        gateway = self.gateway_server.gateway
+        registry = gateway.metrics.registry()
+        registry.register(ShadowCollector(gateway.shadows))
+        text = generate_latest(registry)
         return Reply(200, text, CONTENT_TYPE_LATEST.encode("ascii"))
+
+    def get_shadow(self, request: server.Request) -> Reply:
+        return json_reply(shadow_summary(self.gateway_server))
+
+    def get_shadow_route(self, request: server.Request, route: str) -> Reply:
+        data = shadow_route(self.gateway_server, route)
+        if data is None:
+            return error_reply(404, "not_found", f"route {route!r} has no shadow")
+        return json_reply(data)
 
     def get_openapi(self, request: server.Request) -> Reply:
         return json_reply(openapi_document())

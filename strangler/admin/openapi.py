@@ -14,6 +14,8 @@ from typing import Any
 
 from strangler import __version__
 from strangler.metrics import STATUS_CLASSES
+from strangler.shadow.schema import OPENAPI_PATHS as SHADOW_PATHS
+from strangler.shadow.schema import OPENAPI_SCHEMAS as SHADOW_SCHEMAS
 
 __all__ = ["openapi_document"]
 
@@ -325,6 +327,220 @@ _PATHS: dict[str, Any] = {
         }
     },
 }
+
+# Migration plans (strangler.migration.admin).
+
+_PERCENT = {"type": "number", "minimum": 0, "maximum": 100}
+_COUNT = {"type": "integer", "minimum": 0}
+_PLAN_NAME = {
+    "name": "name",
+    "in": "path",
+    "required": True,
+    "description": "A plan's name: its `name:` key, else its file name without "
+    "`.yaml`.",
+    "schema": {"type": "string", "pattern": "^[A-Za-z0-9_.-]+$"},
+}
+_ACTION = {
+    "name": "action",
+    "in": "path",
+    "required": True,
+    "description": "`pause` freezes the split, `resume` goes on (the step's hold "
+    "starts again), `abort` puts the new side back to 0%, `promote` jumps to the "
+    "last step and ends the plan.",
+    "schema": {"enum": ["pause", "resume", "abort", "promote"]},
+}
+_GATE_NAME = {
+    "enum": ["min_requests", "max_error_rate", "max_p99_ratio", "min_shadow_agreement"]
+}
+
+_SCHEMAS.update(
+    {
+        "Gate": _closed(
+            {
+                "gate": _GATE_NAME,
+                "bound": {"type": "number"},
+                "value": _nullable({"type": "number"}),
+                "status": {
+                    "enum": ["pass", "fail", "wait", "skip"],
+                    "description": "pass and skip let the plan advance, wait "
+                    "holds it for evidence, fail triggers on_fail.",
+                },
+                "detail": {"type": "string"},
+            },
+            description="One gate judged on the evidence of the current step.",
+        ),
+        "Evidence": _closed(
+            {
+                "route_requests": _COUNT,
+                "new_requests": {
+                    **_COUNT,
+                    "description": "Requests the new side answered or failed "
+                    "over to a fallback.",
+                },
+                "new_failed": {
+                    **_COUNT,
+                    "description": "5xx answers (gateway errors included) and "
+                    "fallbacks of the new side.",
+                },
+                "gateway_errors": _COUNT,
+                "fallbacks": _COUNT,
+                "old_requests": _COUNT,
+                "new_p99_ms": _nullable({"type": "number", "minimum": 0}),
+                "old_p99_ms": _nullable({"type": "number", "minimum": 0}),
+                "shadow_compared": _nullable(_COUNT),
+                "shadow_agreed": _nullable(_COUNT),
+            },
+            description="What happened on the route since the step started.",
+        ),
+        "MigrationPlan": _closed(
+            {
+                "name": {"type": "string"},
+                "route": {"type": "string"},
+                "move_to": {"type": "string"},
+                "steps": {"type": "array", "items": _PERCENT, "minItems": 1},
+                "hold": {"type": "number", "description": "Seconds."},
+                "gates": _closed(
+                    {
+                        "min_requests": _COUNT,
+                        "max_error_rate": _nullable(_PERCENT),
+                        "max_p99_ratio": _nullable({"type": "number"}),
+                        "min_shadow_agreement": _nullable(_PERCENT),
+                    }
+                ),
+                "on_fail": {"enum": ["rollback", "pause"]},
+                "source": {"type": "string", "description": "The plan file."},
+            }
+        ),
+        "MigrationEvent": _closed(
+            {
+                "at": _TIME,
+                "event": {
+                    "enum": [
+                        "started",
+                        "advanced",
+                        "completed",
+                        "rolled_back",
+                        "paused",
+                        "resumed",
+                        "aborted",
+                        "promoted",
+                    ]
+                },
+                "from": {**_PERCENT, "description": "The new side's share before."},
+                "to": {**_PERCENT, "description": "The new side's share after."},
+                "by": {"type": "string", "description": "`plan` or `admin`."},
+                "reason": _nullable({"type": "string"}),
+                "held_for": _nullable({"type": "number", "description": "Seconds."}),
+                "gates": {"type": "array", "items": _ref("Gate")},
+                "evidence": _nullable(_ref("Evidence")),
+            }
+        ),
+        "Migration": _closed(
+            {
+                "name": {"type": "string"},
+                "status": {
+                    "enum": ["running", "paused", "completed", "rolled_back", "aborted"]
+                },
+                "reason": _nullable({"type": "string"}),
+                "weight": {**_PERCENT, "description": "The new side's share now."},
+                "step": _nullable({"type": "integer", "minimum": 1}),
+                "started_at": _TIME,
+                "step_started_at": _TIME,
+                "at_step_seconds": _nullable({"type": "number", "minimum": 0}),
+                "gates": {"type": "array", "items": _ref("Gate")},
+                "evidence": _nullable(_ref("Evidence")),
+                "plan": _ref("MigrationPlan"),
+                "history": {"type": "array", "items": _ref("MigrationEvent")},
+            },
+            description="A plan, where it is, its gates now and how it got there.",
+        ),
+        "MigrationList": _closed(
+            {"migrations": {"type": "array", "items": _ref("Migration")}}
+        ),
+        "StartMigration": _closed(
+            {
+                "plan": {"type": "string", "description": "The plan file's text."},
+                "source": {
+                    "type": "string",
+                    "description": "The plan's file name, for errors and the "
+                    "default plan name.",
+                },
+            },
+            required=["plan"],
+        ),
+    }
+)
+
+_SCHEMAS.update(SHADOW_SCHEMAS)
+_PATHS.update(SHADOW_PATHS)
+_PATHS.update(
+    {
+        "/migrations": {
+            "get": {
+                "operationId": "listMigrations",
+                "summary": "Every migration plan this gateway knows, oldest first.",
+                "responses": {
+                    "200": _json(_ref("MigrationList"), "The plans."),
+                    "401": _UNAUTHORIZED,
+                    "default": _ERROR,
+                },
+            },
+            "post": {
+                "operationId": "startMigration",
+                "summary": "Check a plan against the live rules and start it.",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("StartMigration")}},
+                },
+                "responses": {
+                    "201": _json(_ref("Migration"), "The plan, started."),
+                    "400": _json(
+                        _ref("Error"),
+                        "The body or the plan is not valid (every problem, one "
+                        "per line, with file:line).",
+                    ),
+                    "401": _UNAUTHORIZED,
+                    "409": _json(
+                        _ref("Error"), "A plan of that name or route is running."
+                    ),
+                    "413": _json(_ref("Error"), "The body is too large."),
+                    "415": _json(_ref("Error"), "The body is not JSON."),
+                    "default": _ERROR,
+                },
+            },
+        },
+        "/migrations/{name}": {
+            "parameters": [_PLAN_NAME],
+            "get": {
+                "operationId": "getMigration",
+                "summary": "One plan.",
+                "responses": {
+                    "200": _json(_ref("Migration"), "The plan."),
+                    "401": _UNAUTHORIZED,
+                    "404": _json(_ref("Error"), "No plan has that name."),
+                    "default": _ERROR,
+                },
+            },
+        },
+        "/migrations/{name}/{action}": {
+            "parameters": [_PLAN_NAME, _ACTION],
+            "post": {
+                "operationId": "actOnMigration",
+                "summary": "Pause, resume, abort or promote a plan.",
+                "responses": {
+                    "200": _json(_ref("Migration"), "The plan after the action."),
+                    "401": _UNAUTHORIZED,
+                    "404": _json(_ref("Error"), "No such plan or action."),
+                    "409": _json(
+                        _ref("Error"), "The plan's state does not allow the action."
+                    ),
+                    "default": _ERROR,
+                },
+            },
+        },
+    }
+)
+
 
 _DOCUMENT: dict[str, Any] = {
     "openapi": "3.1.0",

@@ -118,4 +118,7 @@ Try:
   curl -i {gateway}/api/v1/users/3 -H 'X-User-Id: 7'   # 90/10 split, sticky per user
   curl -i {gateway}/old-home                           # redirects pass through
   strangler explain {DEMO_RULES} GET /api/v1/users/3 -H 'X-User-Id: 7'
+  STRANGLER_ADMIN_TOKEN=demo-token strangler migrate start migrations/users.yaml
+      # ramps users-v1 on evidence; break users with
+      # curl -X POST '{backends.users_url}/admin/fail?rate=0.5' and it rolls back
 """

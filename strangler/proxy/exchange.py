@@ -376,7 +376,8 @@ class Exchange:
             elif lname == b"x-request-id":
                 request_id = entry[2]
                 continue
-            elif lname.startswith(b"proxy-"):
+            elif lname.startswith(b"proxy-") or lname == b"x-strangler-shadow":
+                # Only the gateway marks mirrored copies; a client cannot.
                 continue
             kept.append(entry)
 
