@@ -111,6 +111,7 @@ async def test_hop_by_hop_headers_are_removed_toward_upstream(backends, gateway)
         b"GET /x HTTP/1.1\r\nHost: shop.test\r\n"
         b"Connection: close, X-Secret-Hop\r\nX-Secret-Hop: 1\r\nKeep-Alive: timeout=5\r\n"
         b"TE: trailers\r\nProxy-Authorization: Basic abc\r\nProxy-Thing: 1\r\n"
+        b"X-Strangler-Shadow: 1\r\n"
         b"X-End-To-End: kept\r\n\r\n",
     )
 
@@ -122,6 +123,7 @@ async def test_hop_by_hop_headers_are_removed_toward_upstream(backends, gateway)
         "te",
         "proxy-authorization",
         "proxy-thing",
+        "x-strangler-shadow",
     ):
         assert dropped not in headers
     assert headers["x-end-to-end"] == ["kept"]
