@@ -55,7 +55,7 @@ DRAW_TRIES = 4
 _RING_END = 1 << 64
 
 
-class NoTargetAvailable(UpstreamConnectError):  # noqa: N818 - reads like its siblings
+class NoTargetAvailable(UpstreamConnectError):
     """Every target of an upstream was excluded, so there is nothing left to try."""
 
 

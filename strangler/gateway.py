@@ -16,13 +16,13 @@ from typing import Any
 
 from strangler.balancing import TargetState, make_balancer
 from strangler.health import HealthChecker
-from strangler.outlier import OutlierDetector
 from strangler.metrics import Metrics
 from strangler.model import Route, Rules, SplitEntry, Sticky, Upstream
+from strangler.outlier import OutlierDetector
 from strangler.proxy.hooks import RequestGate, ShadowSource
 from strangler.proxy.upstream import TargetPool
-from strangler.routing import Router
 from strangler.retry_budget import RetryBudget
+from strangler.routing import Router
 from strangler.runtime_weights import (
     RuntimeWeights,
     WeightError,
@@ -257,7 +257,9 @@ class GatewayState:
             shadow=build_mirror(route, self, self.shadows),
         )
 
-    def _fallbacks(self, route: Route, branches: tuple[Branch, ...]) -> dict[str, Branch]:
+    def _fallbacks(
+        self, route: Route, branches: tuple[Branch, ...]
+    ) -> dict[str, Branch]:
         """For each branch with a `fallback`, the branch that serves instead.
 
         The fallback upstream's own branch in the same split is used when there
@@ -281,7 +283,9 @@ class GatewayState:
         if plan is None:
             raise WeightError(f"no route named {route_name!r}")
         if plan.splitter is None:
-            raise WeightError(f"route {route_name!r} has a single upstream, not a split")
+            raise WeightError(
+                f"route {route_name!r} has a single upstream, not a split"
+            )
         base = plan.rule_weights()
         weights = resolve_weights(route_name, base, requested)
         plan.splitter = Splitter(

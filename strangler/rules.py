@@ -829,13 +829,18 @@ def _check_raw_total(checker: _Checker, value: Any, path: KeyPath) -> None:
     """Report a bad weight sum even when another entry of the split is invalid."""
     if not isinstance(value, list) or not value:
         return
-    weights = [entry.get("weight") if isinstance(entry, dict) else None for entry in value]
+    weights = [
+        entry.get("weight") if isinstance(entry, dict) else None for entry in value
+    ]
     if not all(
         isinstance(w, int | float) and not isinstance(w, bool) and 0 <= w <= 100
         for w in weights
     ):
         return
-    if any(_decimal(float(w)) != _decimal(float(w)).quantize(Decimal("0.01")) for w in weights):  # type: ignore[arg-type]
+    if any(
+        _decimal(float(w)) != _decimal(float(w)).quantize(Decimal("0.01"))
+        for w in weights
+    ):  # type: ignore[arg-type]
         return
     total = sum((_decimal(float(w)) for w in weights), Decimal(0))  # type: ignore[arg-type]
     if total != 100:

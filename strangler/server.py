@@ -41,9 +41,13 @@ class ReloadResult:
     source: str
 
 
-def listen_tcp(reactor: Any, address: Address, factory: Any, backlog: int = 1024) -> Any:
+def listen_tcp(
+    reactor: Any, address: Address, factory: Any, backlog: int = 1024
+) -> Any:
     """Listen on `address`, IPv4 or IPv6."""
-    return reactor.listenTCP(address.port, factory, backlog=backlog, interface=address.host)
+    return reactor.listenTCP(
+        address.port, factory, backlog=backlog, interface=address.host
+    )
 
 
 class GatewayServer:
@@ -71,7 +75,9 @@ class GatewayServer:
         self.state_path = state_path or default_state_path(rules.source)
         self.runtime = RuntimeWeights(self.state_path)
         self._state_fingerprint = _fingerprint(self.state_path)
-        self.gateway = Gateway(rules, reactor, access_log=access_log, runtime=self.runtime)
+        self.gateway = Gateway(
+            rules, reactor, access_log=access_log, runtime=self.runtime
+        )
         self.port: Any = None
         self.admin_port: Any = None
         self.migrations: Any = None  # a MigrationRunner once the admin API starts
@@ -85,7 +91,7 @@ class GatewayServer:
         return self.gateway.rules
 
     def start(self, inherited_fd: int | None = None) -> Address:
-        """Start listening (or serve a socket a supervisor bound); returns the address."""
+        """Listen (or serve a socket a supervisor bound); returns the address."""
         tls = self.rules.tls
         factory: Any = GatewayFactory(self.gateway, b"https" if tls else b"http")
         if tls is not None:
@@ -269,7 +275,8 @@ def _warn_inactive(rules: Rules) -> None:
             "feature_not_active",
             route=route,
             key=key,
-            detail="accepted by the rule file but not acted on yet; see docs/limitations.md",
+            detail="accepted by the rule file but not acted on yet; "
+            "see docs/limitations.md",
         )
 
 

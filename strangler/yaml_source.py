@@ -296,7 +296,8 @@ class _Walker:
                 return whole
             name, default = body.group(1), body.group(2)
             if name in _TEMPLATE_NAMES and default is None:
-                # ${route} and ${upstream} are filled per request, not from the environment.
+                # ${route} and ${upstream} are filled per request, not from
+                # the environment.
                 return whole
             value = self.environ.get(name)
             if value:

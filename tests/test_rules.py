@@ -1087,4 +1087,6 @@ def test_format_key_spells_paths_as_users_read_them() -> None:
 def test_route_named_default_is_refused() -> None:
     text = with_routes("  - name: default\n    to: users\n")
     (problem,) = problems(text)
-    assert problem.startswith("rules/demo.yaml:8: routes[0].name: 'default' names the catch-all")
+    assert problem.startswith(
+        "rules/demo.yaml:8: routes[0].name: 'default' names the catch-all"
+    )

@@ -391,7 +391,7 @@ auth:
 
 
 class _JwksResource(resource.Resource):
-    isLeaf = True  # noqa: N815 (twisted.web's attribute name)
+    isLeaf = True
 
     def __init__(self, document: bytes) -> None:
         super().__init__()

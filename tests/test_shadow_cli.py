@@ -8,11 +8,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest_twisted
-from shadow_support import Service, json_reply, wait_until
-from twisted.internet import threads
-
 from cli_support import ServeProcess, run_cli
+from shadow_support import Service, json_reply, wait_until
 from support import write_rules
+from twisted.internet import threads
 
 TOKEN = "diffs-token"
 
@@ -31,15 +30,24 @@ def _fetch(url: str) -> int:
 
 def _report(admin: str) -> dict:
     result = run_cli(
-        "diffs", "users-v1", "--json", "--admin", admin, env={"STRANGLER_ADMIN_TOKEN": TOKEN}
+        "diffs",
+        "users-v1",
+        "--json",
+        "--admin",
+        admin,
+        env={"STRANGLER_ADMIN_TOKEN": TOKEN},
     )
     return json.loads(result.stdout) if result.returncode == 0 else {}
 
 
 @pytest_twisted.ensureDeferred
 async def test_diffs_reports_the_field_the_new_service_gets_wrong(tmp_path: Path):
-    old = Service(lambda seen: json_reply({"id": 7, "email": "a@example.test", "at": seen["uri"]}))
-    new = Service(lambda seen: json_reply({"id": 7, "email": "A@EXAMPLE.TEST", "at": seen["uri"]}))
+    old = Service(
+        lambda seen: json_reply({"id": 7, "email": "a@example.test", "at": seen["uri"]})
+    )
+    new = Service(
+        lambda seen: json_reply({"id": 7, "email": "A@EXAMPLE.TEST", "at": seen["uri"]})
+    )
     admin_port = _free_port()
     rules = write_rules(
         tmp_path,
@@ -62,7 +70,9 @@ async def test_diffs_reports_the_field_the_new_service_gets_wrong(tmp_path: Path
     admin = f"http://127.0.0.1:{admin_port}"
     try:
         statuses = [
-            await threads.deferToThread(_fetch, f"http://127.0.0.1:{gateway.port}/api/v1/users/{n}")
+            await threads.deferToThread(
+                _fetch, f"http://127.0.0.1:{gateway.port}/api/v1/users/{n}"
+            )
             for n in range(20)
         ]
         await wait_until(lambda: len(new.copies()) == 20)
@@ -75,7 +85,9 @@ async def test_diffs_reports_the_field_the_new_service_gets_wrong(tmp_path: Path
         for _ in range(50):
             if await threads.deferToThread(compared_all):
                 break
-        text = run_cli("diffs", "users-v1", "--admin", admin, env={"STRANGLER_ADMIN_TOKEN": TOKEN})
+        text = run_cli(
+            "diffs", "users-v1", "--admin", admin, env={"STRANGLER_ADMIN_TOKEN": TOKEN}
+        )
     finally:
         gateway.stop()
         await old.stop()

@@ -83,7 +83,7 @@ class Router(Resource):
     served by the GET handler; Twisted drops the body.
     """
 
-    isLeaf = True  # noqa: N815 - Twisted's attribute name
+    isLeaf = True
 
     def __init__(self, served_by: str, error_page: ErrorPage) -> None:
         if not _INSTANCE_NAME.fullmatch(served_by):

@@ -168,7 +168,7 @@ class _DemoSite(Site):
     """A Site that keeps quiet: the gateway's access log is the one to read."""
 
     noisy = False
-    displayTracebacks = False  # noqa: N815 - Twisted's attribute name
+    displayTracebacks = False
 
     def __init__(self, resource: Resource, reactor: IReactorTime) -> None:
         super().__init__(resource, reactor=reactor, parsePOSTFormSubmission=False)
