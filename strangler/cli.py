@@ -84,7 +84,9 @@ def cmd_transform(args: argparse.Namespace) -> int:
     if args.upstream:
         entries = [e for e in entries if e.to == args.upstream]
     if not entries:
-        print(f"route {args.route!r} has no transform for that upstream", file=sys.stderr)
+        print(
+            f"route {args.route!r} has no transform for that upstream", file=sys.stderr
+        )
         return 1
     transform = entries[0].transform
     assert transform is not None
@@ -126,7 +128,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.workers > 1 and args.worker_fd is None:
         from strangler.workers import run_workers
 
-        return run_workers(Path(args.rules), rules, args.workers, args.listen)
+        return run_workers(
+            Path(args.rules), rules, args.workers, args.listen, watch=not args.no_watch
+        )
     configure_logging()
     override = _parse_listen(args.listen) if args.listen else None
     server = GatewayServer(rules, reactor, load_rules, listen_override=override)
@@ -138,10 +142,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return 1
-    except Exception as exc:  # noqa: BLE001 - report any bind failure plainly
+    except Exception as exc:
         print(f"cannot listen: {exc}", file=sys.stderr)
         return 1
-    server.watch()
+    if not args.no_watch:
+        server.watch()
     server.install_signal_handlers()
     reactor.run(installSignalHandlers=False)  # type: ignore[attr-defined]
     return 0
@@ -165,7 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("rules", metavar="RULES")
     serve.add_argument("--listen", help="override the rule file's listen address")
     serve.add_argument(
-        "--workers", type=int, default=1, help="processes sharing the port (one per core)"
+        "--workers",
+        type=int,
+        default=1,
+        help="processes sharing the port (one per core)",
+    )
+    serve.add_argument(
+        "--no-watch",
+        action="store_true",
+        help="reload only on SIGHUP, not when the rule file changes",
     )
     serve.add_argument("--worker-fd", type=int, help=argparse.SUPPRESS)
     serve.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
@@ -175,12 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("rules", metavar="RULES")
     check.set_defaults(func=cmd_check)
 
-    exp = sub.add_parser("explain", help="show what the gateway would do with a request")
+    exp = sub.add_parser(
+        "explain", help="show what the gateway would do with a request"
+    )
     exp.add_argument("rules", metavar="RULES")
     exp.add_argument("method", metavar="METHOD")
     exp.add_argument("path", metavar="PATH")
     exp.add_argument("-H", "--header", action="append", metavar="'K: V'")
-    exp.add_argument("--client-ip", default="127.0.0.1", help="peer address for ip stickiness")
+    exp.add_argument(
+        "--client-ip", default="127.0.0.1", help="peer address for ip stickiness"
+    )
     exp.add_argument("--json", action="store_true", help="print JSON instead of text")
     exp.set_defaults(func=cmd_explain)
 
@@ -195,7 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     trans.set_defaults(func=cmd_transform)
 
-    demo = sub.add_parser("demo", help="run a legacy monolith, a new service and the gateway")
+    demo = sub.add_parser(
+        "demo", help="run a legacy monolith, a new service and the gateway"
+    )
     demo.add_argument(
         "--port-offset", type=int, default=0, help="add this to every demo port"
     )

@@ -68,6 +68,7 @@ class Supervisor:
         self.workers: dict[int, subprocess.Popen[bytes]] = {}
         self.stopping = False
         self.restarts = 0
+        self.extra_args: list[str] = []
 
     def command(self, index: int) -> list[str]:
         return [
@@ -80,6 +81,7 @@ class Supervisor:
             str(self.sock.fileno()),
             "--worker-index",
             str(index),
+            *self.extra_args,
         ]
 
     def start_worker(self, index: int) -> None:
@@ -131,11 +133,16 @@ class Supervisor:
                 process.kill()
 
 
-def run_workers(rules_path: Path, rules: Rules, count: int, listen: str | None) -> int:
+def run_workers(
+    rules_path: Path, rules: Rules, count: int, listen: str | None, watch: bool = True
+) -> int:
     """Entry point for `strangler serve --workers N` (N >= 2)."""
     try:
         sock = bind_listener(rules, listen)
     except OSError as exc:
         print(f"cannot listen on {rules.listen}: {exc.strerror}", file=sys.stderr)
         return 1
-    return Supervisor(rules_path, rules, count, sock).run()
+    supervisor = Supervisor(rules_path, rules, count, sock)
+    if not watch:
+        supervisor.extra_args.append("--no-watch")
+    return supervisor.run()

@@ -90,3 +90,28 @@ async def test_workers_share_the_port_and_a_dead_worker_is_replaced(tmp_path, ba
     assert len(replaced) == 2 and workers[0] not in replaced
     assert [status for status, _ in results] == [200] * 20
     assert code == 0
+
+
+@ensure
+async def test_sighup_reloads_the_rule_file(tmp_path, backends):
+    first, second = backends("first"), backends("second")
+    rules = _rules(tmp_path, first.url)
+    gateway = ServeProcess(rules, args=("--no-watch",))
+    base = f"http://127.0.0.1:{gateway.port}"
+    try:
+        rules.write_text(rules.read_text().replace(first.url, second.url))
+        await sleep(1.5)
+        before = json.loads((await threads.deferToThread(_fetch, f"{base}/a"))[1])
+        gateway.signal(signal.SIGHUP)
+        after = None
+        for _ in range(50):
+            after = json.loads((await threads.deferToThread(_fetch, f"{base}/b"))[1])
+            if after["served_by"] == "second":
+                break
+            await sleep(0.05)
+    finally:
+        code = gateway.stop()
+
+    assert before["served_by"] == "first"
+    assert after is not None and after["served_by"] == "second"
+    assert code == 0
