@@ -245,3 +245,85 @@ async def test_ramp_by_rule_edits_under_load_loses_nothing_and_keeps_users_moved
     for key, seen in history.items():
         first_users = seen.index(b"users") if b"users" in seen else len(seen)
         assert all(upstream == b"users" for upstream in seen[first_users:]), key
+
+
+@ensure
+async def test_ramp_through_the_admin_api_under_load_keeps_users_moved(
+    backends, gateway, client
+):
+    """The same ramp as the rule-file one, done the way `strangler shift` does it."""
+    import json as jsonlib
+
+    mono, users = backends("monolith"), backends("users")
+    admin = "admin: {listen: 127.0.0.1:0, token: ramp-token}"
+    gw = gateway(split_rules(mono.url, users.url, 0, extra=admin, sticky=STICKY))
+    address = gw.server.start_admin()
+    assert address is not None
+    keys = 300
+    history: dict[int, list[bytes]] = {}
+    ramp_done = False
+    background = run_load(
+        gw.port,
+        lambda i: get(f"/api/v1/users/{i}", {"X-User-Id": f"bg{i % 89}"}),
+        1_000_000,
+        workers=4,
+        until=lambda: ramp_done,
+    )
+
+    for weight in (1, 10, 50, 100):
+        reply = await client.post(
+            f"http://127.0.0.1:{address.port}/routes/users-v1/split",
+            data=jsonlib.dumps({"users": weight}).encode(),
+            headers={
+                "Authorization": ["Bearer ramp-token"],
+                "Content-Type": ["application/json"],
+            },
+        )
+        assert reply.code == 200, await reply.content()
+        await reply.content()
+        result = await run_load(
+            gw.port,
+            lambda i: get("/api/v1/users", {"X-User-Id": f"k{i % keys}"}),
+            keys * 2,
+            workers=8,
+        )
+        assert result.failures == []
+        for r in result.replies:
+            history.setdefault(r.index % keys, []).append(r.headers[UPSTREAM])
+        on_users = {
+            r.index % keys for r in result.replies if r.headers[UPSTREAM] == b"users"
+        }
+        assert abs(len(on_users) / keys * 100 - weight) <= 7
+
+    ramp_done = True
+    steady = await background
+    assert steady.failures == [] and {r.status for r in steady.replies} == {200}
+    for key, seen in history.items():
+        first = seen.index(b"users") if b"users" in seen else len(seen)
+        assert all(u == b"users" for u in seen[first:]), key
+
+
+@ensure
+async def test_unchanged_upstreams_keep_pools_and_state_across_a_reload(
+    backends, gateway
+):
+    mono, users = backends("monolith"), backends("users")
+    gw = gateway(split_rules(mono.url, users.url, 50))
+    await run_load(gw.port, lambda i: get("/api/v1/users"), 20)
+    before = gw.server.gateway.state.upstreams
+    pooled = sum(len(pool.idle) for pool in before["monolith"].pools.values())
+
+    text = split_rules(mono.url, users.url, 50)
+    gw.rules_path.write_text(
+        text.replace(
+            "  users:\n    targets", "  users:\n    balance: least_conn\n    targets"
+        )
+    )
+    assert gw.server.reload().ok
+    after = gw.server.gateway.state.upstreams
+
+    assert after["monolith"] is before["monolith"]
+    assert (
+        sum(len(pool.idle) for pool in after["monolith"].pools.values()) == pooled > 0
+    )
+    assert after["users"] is not before["users"]
