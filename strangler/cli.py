@@ -116,7 +116,9 @@ def _parse_listen(text: str) -> Address:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from twisted.internet import reactor
+    from strangler.reactor import install
+
+    reactor = install()
 
     from strangler.logs import configure_logging
     from strangler.rules import load_rules

@@ -23,6 +23,7 @@ from strangler.errors import ConfigError, RuleProblem
 from strangler.gateway import Gateway
 from strangler.logs import AccessLog, open_access_log
 from strangler.model import Address, Rules
+from strangler.proxy import transports
 from strangler.proxy.downstream import GatewayFactory
 from strangler.runtime_weights import RuntimeWeights, default_state_path
 
@@ -45,8 +46,8 @@ def listen_tcp(
     reactor: Any, address: Address, factory: Any, backlog: int = 1024
 ) -> Any:
     """Listen on `address`, IPv4 or IPv6."""
-    return reactor.listenTCP(
-        address.port, factory, backlog=backlog, interface=address.host
+    return transports.listen_tcp(
+        reactor, address.port, factory, backlog=backlog, interface=address.host
     )
 
 
@@ -102,7 +103,9 @@ class GatewayServer:
             import socket
 
             family = socket.socket(fileno=socket.dup(inherited_fd)).family
-            self.port = self.reactor.adoptStreamPort(inherited_fd, family, factory)
+            self.port = transports.adopt_stream_port(
+                self.reactor, inherited_fd, family, factory
+            )
         else:
             self.port = listen_tcp(self.reactor, self.rules.listen, factory)
         bound = self.port.getHost()

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from support import Backend, RunningGateway, new_client, write_rules
+
+from strangler.reactor import install
+
+# The gateway's own reactor, so in-process tests run the event loop that
+# `strangler serve` runs (pytest-twisted accepts it: it is an epoll reactor).
+# It must be installed before anything imports the global reactor.
+install()
+
+from support import Backend, RunningGateway, new_client, write_rules  # noqa: E402
 
 
 @pytest.fixture

@@ -138,7 +138,7 @@ async def test_every_smuggling_and_host_case_gets_400_closes_and_reaches_nothing
         assert raw.count(b"HTTP/1.1 ") == 1, name
         assert b"Connection: close" in raw, name
         assert b"<script>" not in raw, name
-    assert backend.requests == []
+    assert backend.requests == [], backend.requests
 
 
 PATHS = {
@@ -241,7 +241,7 @@ async def test_unsafe_paths_get_400_and_reach_nothing(backends, gateway):
         )
         assert status_of(raw) == 400, sent
         assert b'"error":"bad_request"' in raw
-    assert backend.requests == []
+    assert backend.requests == [], backend.requests
 
 
 @ensure
@@ -351,7 +351,7 @@ async def test_header_limits_answer_with_a_status(backends, gateway):
     )
 
     assert (too_big, too_many, long_target) == (431, 431, 414)
-    assert backend.requests == []
+    assert backend.requests == [], backend.requests
 
 
 @ensure
@@ -362,7 +362,7 @@ async def test_slow_request_head_gets_408(backends, gateway):
     raw = await raw_exchange(gw.port, b"GET / HTTP/1.1\r\nHost: gw", wait=3.0)
 
     assert status_of(raw) == 408
-    assert backend.requests == []
+    assert backend.requests == [], backend.requests
 
 
 class _ConflictingFraming(protocol.Protocol):

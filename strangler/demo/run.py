@@ -55,9 +55,9 @@ def run_demo(port_offset: int = 0, reactor: Any = None) -> int:
     from strangler.server import GatewayServer
 
     if reactor is None:
-        from twisted.internet import reactor as global_reactor
+        from strangler.reactor import install
 
-        reactor = global_reactor
+        reactor = install()
     rules = shift_ports(load_rules(DEMO_RULES), port_offset)
     configure_logging()
     try:

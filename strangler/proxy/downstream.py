@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from strangler.proxy.exchange import Exchange
 from strangler.proxy.headers import is_trusted, new_request_id
 from strangler.proxy.responses import error_response
+from strangler.proxy.transports import hold_writes, release_writes
 
 if TYPE_CHECKING:
     from strangler.gateway import Gateway
@@ -83,6 +84,7 @@ class ClientConnection(protocol.Protocol):
             return
         if not self._in_head and self.incoming is None:
             self._head_started = self.gateway.reactor.seconds()
+        hold_writes()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -92,6 +94,8 @@ class ClientConnection(protocol.Protocol):
                 raise
         except httptools.HttpParserError as exc:
             self._malformed(str(exc))
+        finally:
+            release_writes()
         if self._in_head:
             self._head_size += len(data)
             limit = self.gateway.rules.limits.max_header_bytes
@@ -139,6 +143,9 @@ class ClientConnection(protocol.Protocol):
     # -- httptools callbacks ---------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self.closed:
+            # Answered with a close: requests pipelined behind are never read.
+            raise _RequestRejected()
         self._url = b""
         self._headers = []
         self._head_size = 0

@@ -25,6 +25,7 @@ from strangler.errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
+from strangler.proxy.transports import connect_tcp, hold_writes, release_writes
 
 if TYPE_CHECKING:
     from strangler.balancing import TargetState
@@ -142,6 +143,7 @@ class UpstreamConnection(protocol.Protocol):
         self.response_started = True
         if self.head_received:
             self.last_data = self.pool.reactor.seconds()
+        hold_writes()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -155,6 +157,8 @@ class UpstreamConnection(protocol.Protocol):
             raise
         except httptools.HttpParserError as exc:
             self._fail(UpstreamProtocolError(f"invalid response from upstream: {exc}"))
+        finally:
+            release_writes()
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self._cancel_timer()
@@ -324,7 +328,9 @@ class TargetPool:
                 target.host, target.port, factory, self.tls_options, connect_timeout
             )
         else:
-            self.reactor.connectTCP(target.host, target.port, factory, connect_timeout)
+            connect_tcp(
+                self.reactor, target.host, target.port, factory, connect_timeout
+            )
 
     def release(self, conn: UpstreamConnection) -> None:
         """Take back a connection whose exchange ended cleanly."""
