@@ -128,8 +128,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if rules is None:
         return 1
     state = Path(args.state) if args.state else None
-    if state is not None and (problem := _state_problem(state)):
-        print(f"strangler serve: --state {state}: {problem}", file=sys.stderr)
+    if state is not None and (unusable := _state_problem(state)):
+        print(f"strangler serve: --state {state}: {unusable}", file=sys.stderr)
         return 2
     if args.workers > 1 and args.worker_fd is None:
         from strangler.workers import run_workers
