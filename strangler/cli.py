@@ -127,15 +127,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     rules = _load_or_report(args.rules)
     if rules is None:
         return 1
+    state = Path(args.state) if args.state else None
+    if state is not None and (unusable := _state_problem(state)):
+        print(f"strangler serve: --state {state}: {unusable}", file=sys.stderr)
+        return 2
     if args.workers > 1 and args.worker_fd is None:
         from strangler.workers import run_workers
 
         return run_workers(
-            Path(args.rules), rules, args.workers, args.listen, watch=not args.no_watch
+            Path(args.rules),
+            rules,
+            args.workers,
+            args.listen,
+            watch=not args.no_watch,
+            state=args.state,
         )
     configure_logging()
     override = _parse_listen(args.listen) if args.listen else None
-    server = GatewayServer(rules, reactor, load_rules, listen_override=override)
+    server = GatewayServer(
+        rules, reactor, load_rules, listen_override=override, state_path=state
+    )
     try:
         server.start(inherited_fd=args.worker_fd)
         if args.worker_index == 0:
@@ -152,6 +163,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server.install_signal_handlers()
     reactor.run(installSignalHandlers=False)  # type: ignore[attr-defined]
     return 0
+
+
+def _state_problem(path: Path) -> str | None:
+    """Why runtime state cannot be kept at `path`, or None if it can."""
+    import os
+
+    if path.is_dir():
+        return "is a directory; give a file name, like state.json"
+    folder = path.parent
+    if not folder.is_dir():
+        return f"the directory {folder} does not exist"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"cannot write in {folder}"
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        return "cannot read and write this file"
+    return None
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -181,6 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-watch",
         action="store_true",
         help="reload only on SIGHUP, not when the rule file changes",
+    )
+    serve.add_argument(
+        "--state",
+        metavar="PATH",
+        help="where runtime weights are kept (default: beside RULES, "
+        "rules.yaml -> rules.state.json); migration progress goes beside it "
+        "(state.json -> state.migrations.json)",
     )
     serve.add_argument("--worker-fd", type=int, help=argparse.SUPPRESS)
     serve.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)

@@ -134,7 +134,12 @@ class Supervisor:
 
 
 def run_workers(
-    rules_path: Path, rules: Rules, count: int, listen: str | None, watch: bool = True
+    rules_path: Path,
+    rules: Rules,
+    count: int,
+    listen: str | None,
+    watch: bool = True,
+    state: str | None = None,
 ) -> int:
     """Entry point for `strangler serve --workers N` (N >= 2)."""
     try:
@@ -145,4 +150,7 @@ def run_workers(
     supervisor = Supervisor(rules_path, rules, count, sock)
     if not watch:
         supervisor.extra_args.append("--no-watch")
+    if state is not None:
+        # Every worker must follow the same state file, so each gets the path.
+        supervisor.extra_args += ["--state", state]
     return supervisor.run()

@@ -8,6 +8,7 @@ counters with `Metrics.observe`, as the proxy does per request, and move a
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -208,12 +209,15 @@ def test_start_begins_at_the_first_step_at_or_above_the_current_share(tmp_path):
     assert "skipped 1%, 5%" in migration.history[0]["reason"]
 
 
-def test_start_refuses_a_plan_below_the_current_share(tmp_path):
-    harness = Harness(tmp_path, rules_text(users=60))
+def test_start_refuses_a_route_already_all_on_the_new_side(tmp_path):
+    harness = Harness(tmp_path, rules_text(users=100))
 
-    with pytest.raises(MigrationError, match="already takes 60%"):
-        harness.runner.start(harness.plan(plan_text(steps="[10, 50]")))
-    assert harness.users_weight() == 60
+    with pytest.raises(
+        MigrationError, match="already takes 100% of 'users-v1'; nothing to do"
+    ):
+        harness.runner.start(harness.plan(plan_text(steps="[10, 50, 100]")))
+    assert harness.users_weight() == 100
+    assert harness.runner.migrations == {}
 
 
 def test_a_second_plan_for_a_running_name_or_route_is_refused(harness):
@@ -328,16 +332,26 @@ def test_low_shadow_agreement_rolls_back(tmp_path):
     assert migration.reason.startswith("shadow agreement 90% is below 99%")
 
 
-def test_shadow_gate_is_skipped_on_a_route_without_shadow(harness):
+def test_a_shadow_removed_under_a_plan_holds_it_instead_of_skipping_the_gate(
+    tmp_path,
+):
+    harness = Harness(tmp_path, rules_text(shadow=True))
     gates = "{min_requests: 10, min_shadow_agreement: 99%}"
     migration = harness.runner.start(harness.plan(plan_text(gates=gates)))
-    harness.traffic(10)
+    without = parse_rules(rules_text(), str(tmp_path / "rules.yaml"))
+    harness.gateway.apply(without)
 
-    harness.wait(10)
+    harness.traffic(100)
+    harness.wait(30)
 
-    assert migration.step == 1
-    gate = migration.history[-1]["gates"][1]
-    assert (gate["gate"], gate["status"]) == ("min_shadow_agreement", "skip")
+    assert (migration.status, migration.step, harness.users_weight()) == (
+        "running",
+        0,
+        10,
+    )
+    gate = {g.gate: g for g in migration.gates}["min_shadow_agreement"]
+    assert gate.status == "wait"
+    assert gate.detail == "the route has no shadow now; the plan holds until it has one"
 
 
 def test_gateway_agreement_reads_the_shadow_registry(tmp_path):
@@ -387,15 +401,106 @@ def test_pause_by_the_operator_stops_advancing(harness):
     assert migration.history[-1]["evidence"]["route_requests"] == 100
 
 
-def test_promote_jumps_to_the_last_step_and_ends_the_plan(harness):
+def test_promote_moves_the_new_side_to_100_and_ends_the_plan(harness):
     migration = harness.runner.start(harness.plan())
+    harness.traffic(40)
 
     harness.runner.act("users", "promote")
 
     assert (migration.status, harness.users_weight()) == ("completed", 100)
-    assert events(harness)[-1] == "promoted"
+    assert migration.step == 2
+    promoted = migration.history[-1]
+    assert (promoted["event"], promoted["from"], promoted["to"]) == (
+        "promoted",
+        10,
+        100,
+    )
+    assert promoted["evidence"]["route_requests"] == 40
+    assert [gate["gate"] for gate in promoted["gates"]] == [
+        "min_requests",
+        "max_error_rate",
+    ]
     with pytest.raises(MigrationError, match="is completed"):
         harness.runner.act("users", "pause")
+
+
+def test_promote_goes_to_100_even_for_a_saved_plan_that_ended_lower(harness):
+    """Plans saved by an older version could end below 100%; promote still means all."""
+    older = replace(harness.plan(), steps=(10.0, 50.0))
+    migration = harness.runner.start(older)
+
+    harness.runner.act("users", "promote")
+
+    assert (migration.status, migration.step, harness.users_weight()) == (
+        "completed",
+        1,
+        100,
+    )
+    assert harness.gateway.state.plans[ROUTE].effective_weights()["monolith"] == 0
+
+
+def test_a_paused_plan_keeps_counting_for_whoever_resumes_or_promotes_it(harness):
+    migration = harness.runner.start(harness.plan())
+    harness.traffic(30)
+    harness.runner.act("users", "pause")
+    harness.traffic(50)
+
+    view_gates = {g.gate: g for g in harness.runner.current_gates(migration)}
+    assert view_gates["min_requests"].value == 80
+    harness.runner.act("users", "resume")
+
+    resumed = migration.history[-1]
+    assert resumed["event"] == "resumed"
+    assert resumed["evidence"]["route_requests"] == 80
+    assert {gate["gate"]: gate["status"] for gate in resumed["gates"]} == {
+        "min_requests": "wait",
+        "max_error_rate": "wait",
+    }
+    assert harness.runner.evidence(migration).route_requests == 0
+
+    harness.runner.act("users", "pause")
+    harness.traffic(200)
+    harness.runner.act("users", "promote")
+    assert migration.history[-1]["evidence"]["route_requests"] == 200
+
+
+def test_the_started_entry_shows_the_route_s_traffic_before_the_plan(tmp_path):
+    harness = Harness(tmp_path, rules_text(users=10))
+    harness.feed("monolith", 90)
+    harness.feed("users", 9)
+    harness.feed("users", 1, status=500)
+
+    migration = harness.runner.start(harness.plan())
+
+    started = migration.history[0]
+    assert started["event"] == "started"
+    assert started["evidence"]["route_requests"] == 100
+    assert (started["evidence"]["new_failed"], started["evidence"]["new_requests"]) == (
+        1,
+        10,
+    )
+    assert started["gates"] == []
+
+
+def test_a_plan_whose_progress_cannot_be_saved_is_refused_before_the_split_moves(
+    tmp_path,
+):
+    (tmp_path / "not-a-directory").write_text("")
+    harness = Harness(tmp_path)
+    harness.store.path = tmp_path / "not-a-directory" / "rules.migrations.json"
+
+    with capture_logs() as logs, pytest.raises(MigrationError) as info:
+        harness.runner.start(harness.plan())
+
+    assert (info.value.status, info.value.code) == (503, "state_not_writable")
+    assert info.value.message.startswith(
+        f"cannot keep the plan's progress in {harness.store.path}: Not a directory; "
+        "start the gateway with `strangler serve --state PATH`"
+    )
+    assert harness.runner.migrations == {}
+    assert harness.users_weight() == 0
+    assert [e["event"] for e in logs] == ["migration_state_not_saved"]
+    assert logs[0]["log_level"] == "error"
 
 
 def test_abort_puts_the_new_side_back_to_zero(harness):
@@ -542,7 +647,7 @@ def test_the_other_sides_shrink_in_proportion_and_keep_their_keys(tmp_path):
     harness = Harness(tmp_path, rules_text(third=True))
     keys = [f"user-{n}" for n in range(5000)]
     before = keys_on_users(harness, keys)
-    harness.runner.start(harness.plan(plan_text(steps="[20, 70]", gates="{}")))
+    harness.runner.start(harness.plan(plan_text(steps="[20, 70, 100]", gates="{}")))
     weights = harness.gateway.state.plans[ROUTE].effective_weights()
     assert weights == {"monolith": 48.0, "legacy": 32.0, "users": 20.0}
 

@@ -30,6 +30,19 @@ routes:
     split:
       - {to: monolith, weight: 100}
       - {to: users, weight: 0}
+    shadow: {to: users}
+  - name: orders-v1
+    match: {path: /api/v1/orders}
+    split:
+      - {to: monolith, weight: 100}
+      - {to: orders, weight: 0}
+      - {to: users, weight: 0}
+    shadow: {to: orders}
+  - name: carts-v1
+    match: {path: /api/v1/carts}
+    split:
+      - {to: monolith, weight: 100}
+      - {to: users, weight: 0}
 """,
     "rules.yaml",
 )
@@ -128,7 +141,7 @@ def test_every_problem_is_reported_with_its_line_and_key():
 
 
 def test_missing_keys_and_a_plan_that_is_not_a_mapping():
-    assert problems("steps: [1]\n") == [
+    assert problems("steps: [1, 100]\n") == [
         "plans/p.yaml:1: missing required key 'route'",
         "plans/p.yaml:1: missing required key 'move_to'",
         "plans/p.yaml:1: missing required key 'hold'",
@@ -140,18 +153,18 @@ def test_missing_keys_and_a_plan_that_is_not_a_mapping():
 
 
 def test_route_and_upstreams_are_checked_against_the_rules():
-    base = "steps: [1]\nhold: 1s\n"
+    base = "steps: [1, 100]\nhold: 1s\n"
 
     assert problems(f"route: users-v9\nmove_to: users\n{base}") == [
         "plans/p.yaml:1: route: rules.yaml has no route named 'users-v9' "
-        "(its routes: users-v2, users-v1)"
+        "(its routes: users-v2, users-v1, orders-v1, carts-v1)"
     ]
     assert problems(f"route: users-v2\nmove_to: users\n{base}") == [
         "plans/p.yaml:1: route: route 'users-v2' sends everything to 'users'; a "
         "plan needs a route with a split of two or more upstreams"
     ]
-    assert problems(f"route: users-v1\nmove_to: orders\n{base}") == [
-        "plans/p.yaml:2: move_to: route 'users-v1' splits to monolith, users; "
+    assert problems(f"route: carts-v1\nmove_to: orders\n{base}") == [
+        "plans/p.yaml:2: move_to: route 'carts-v1' splits to monolith, users; "
         "'orders' is not one of them"
     ]
     assert problems(f"route: users-v1\nmove_to: billing\n{base}") == [
@@ -161,7 +174,7 @@ def test_route_and_upstreams_are_checked_against_the_rules():
 
 
 def test_without_rules_only_the_shape_is_checked():
-    plan = parse_plan("route: r\nmove_to: u\nsteps: [50]\nhold: 2m\n", "p.yaml")
+    plan = parse_plan("route: r\nmove_to: u\nsteps: [50, 100]\nhold: 2m\n", "p.yaml")
 
     assert (plan.route, plan.move_to, plan.hold) == ("r", "u", 120)
 
@@ -169,14 +182,15 @@ def test_without_rules_only_the_shape_is_checked():
 def test_environment_variables_are_not_read_in_plans(monkeypatch):
     monkeypatch.setenv("ROUTE", "users-v1")
 
-    found = problems("route: ${ROUTE}\nmove_to: users\nsteps: [1]\nhold: 1s\n")
+    found = problems("route: ${ROUTE}\nmove_to: users\nsteps: [100]\nhold: 1s\n")
 
     assert found == ["plans/p.yaml:1: route: environment variable ROUTE is not set"]
 
 
 def test_a_file_name_that_is_no_plan_name_needs_a_name_key():
     found = problems(
-        "route: users-v1\nmove_to: users\nsteps: [1]\nhold: 1s\n", source="my plan.yaml"
+        "route: users-v1\nmove_to: users\nsteps: [100]\nhold: 1s\n",
+        source="my plan.yaml",
     )
 
     assert found == [
@@ -198,3 +212,41 @@ def test_the_shipped_demo_plan_fits_the_demo_rules():
     assert (plan.name, plan.route, plan.move_to) == ("users", "users-v1", "users")
     assert plan.steps == (1, 5, 25, 50, 100)
     assert plan.on_fail == "rollback"
+
+
+def test_a_plan_must_end_at_100_percent():
+    found = problems("route: users-v1\nmove_to: users\nsteps: [1, 5, 50]\nhold: 1m\n")
+
+    assert found == [
+        "plans/p.yaml:3: steps[2]: the last step must be 100%, got 50%: a plan "
+        "ends with move_to taking the whole route (to stop part way, pause the "
+        "plan or use `strangler shift`)"
+    ]
+
+
+def test_a_hold_shorter_than_the_runner_s_check_interval_is_refused():
+    base = "route: users-v1\nmove_to: users\nsteps: [100]\n"
+
+    assert problems(base + "hold: 500ms\n") == [
+        "plans/p.yaml:4: hold: must be at least 1s, got '500ms': the gateway "
+        "checks running plans every 1s"
+    ]
+    assert parse_plan(base + "hold: 1s\n", "p.yaml", RULES).hold == 1
+
+
+def test_a_shadow_gate_needs_a_shadow_to_the_new_side():
+    gates = "gates:\n  min_requests: 10\n  min_shadow_agreement: 99%\n"
+    plan = "move_to: users\nsteps: [100]\nhold: 1m\n" + gates
+
+    assert problems("route: carts-v1\n" + plan) == [
+        "plans/p.yaml:7: gates.min_shadow_agreement: route 'carts-v1' has no "
+        "shadow in rules.yaml, so this gate could never be judged; add a "
+        "`shadow` to the route or remove the gate"
+    ]
+    assert problems("route: orders-v1\n" + plan) == [
+        "plans/p.yaml:7: gates.min_shadow_agreement: the shadow of route "
+        "'orders-v1' goes to 'orders', not to 'users': its agreement says "
+        "nothing about 'users'"
+    ]
+    checked = parse_plan("route: users-v1\n" + plan, "p.yaml", RULES)
+    assert checked.gates.min_shadow_agreement == 99

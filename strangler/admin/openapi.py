@@ -345,8 +345,8 @@ _ACTION = {
     "in": "path",
     "required": True,
     "description": "`pause` freezes the split, `resume` goes on (the step's hold "
-    "starts again), `abort` puts the new side back to 0%, `promote` jumps to the "
-    "last step and ends the plan.",
+    "starts again), `abort` puts the new side back to 0%, `promote` moves the "
+    "new side to 100% and ends the plan.",
     "schema": {"enum": ["pause", "resume", "abort", "promote"]},
 }
 _GATE_NAME = {
@@ -390,7 +390,8 @@ _SCHEMAS.update(
                 "shadow_compared": _nullable(_COUNT),
                 "shadow_agreed": _nullable(_COUNT),
             },
-            description="What happened on the route since the step started.",
+            description="What happened on the route since the step started; "
+            "for a `started` event, since the gateway started.",
         ),
         "MigrationPlan": _closed(
             {
@@ -505,6 +506,10 @@ _PATHS.update(
                     ),
                     "413": _json(_ref("Error"), "The body is too large."),
                     "415": _json(_ref("Error"), "The body is not JSON."),
+                    "503": _json(
+                        _ref("Error"),
+                        "The plan's progress cannot be saved (state_not_writable).",
+                    ),
                     "default": _ERROR,
                 },
             },

@@ -21,6 +21,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 __all__ = [
+    "DEMO_PLAN",
     "DEMO_RULES",
     "DEMO_USERS",
     "MAX_BODY",
@@ -34,6 +35,10 @@ __all__ = [
 
 DEMO_RULES = Path(__file__).with_name("demo.yaml")
 """The rule file `strangler demo` serves, shipped as package data."""
+
+DEMO_PLAN = Path(__file__).with_name("migrations") / "users.yaml"
+"""The migration plan for the demo, shipped as package data; the repository
+keeps the same file at `migrations/users.yaml`."""
 
 MAX_BODY = 64 * 1024
 """The largest request body a demo service accepts; a demo needs no more."""

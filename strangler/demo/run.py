@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import shlex
+import shutil
 import sys
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from strangler.demo import DEMO_RULES
+from strangler.demo import DEMO_PLAN, DEMO_RULES
 from strangler.demo.backends import DemoPorts, start_demo_backends
 from strangler.model import Address, Rules, Target, Upstream
 
@@ -52,7 +56,6 @@ def run_demo(port_offset: int = 0, reactor: Any = None) -> int:
     """Start everything, print where to look, run until Ctrl-C."""
     from strangler.logs import configure_logging
     from strangler.rules import load_rules
-    from strangler.server import GatewayServer
 
     if reactor is None:
         from strangler.reactor import install
@@ -69,24 +72,34 @@ def run_demo(port_offset: int = 0, reactor: Any = None) -> int:
             file=sys.stderr,
         )
         return 1
-    import tempfile
-
+    # Runtime weights and plan progress live for one run only; the
+    # directory goes when the demo stops, however it stops.
     state_dir = tempfile.mkdtemp(prefix="strangler-demo-")
+    try:
+        return _serve(reactor, rules, backends, Path(state_dir))
+    finally:
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def _serve(reactor: Any, rules: Rules, backends: Any, state_dir: Path) -> int:
+    from strangler.server import GatewayServer
+
     server = GatewayServer(
         rules,
         reactor,
         lambda _path: rules,
-        state_path=Path(state_dir) / "demo.state.json",
+        state_path=state_dir / "demo.state.json",
     )
     try:
         address = server.start()
-        server.start_admin()
+        admin = server.start_admin()
     except Exception as exc:
         print(f"cannot start the gateway on {rules.listen}: {exc}", file=sys.stderr)
         backends.stop()
         return 1
     gateway = f"http://{address.host}:{address.port}"
-    print(_banner(gateway, backends), flush=True)
+    admin_url = f"http://{admin.host}:{admin.port}" if admin is not None else None
+    print(_banner(gateway, admin_url, backends), flush=True)
 
     def shutdown() -> None:
         done = server.stop(drain_timeout=5.0)
@@ -102,23 +115,45 @@ def run_demo(port_offset: int = 0, reactor: Any = None) -> int:
     return 0
 
 
-def _banner(gateway: str, backends: Any) -> str:
+def _banner(gateway: str, admin: str | None, backends: Any) -> str:
     monoliths = ", ".join(backends.monolith_urls)
-    return f"""
+    rules, plan = shlex.quote(str(DEMO_RULES)), shlex.quote(str(DEMO_PLAN))
+    text = f"""
 strangler demo is running (Ctrl-C stops everything)
 
   gateway          {gateway}
+  admin API        {admin or "off"}
   legacy monolith  {monoliths}  (XML, /api/v1)
   users service    {backends.users_url}  (JSON, /api/v2)
   rules            {DEMO_RULES}
+  migration plan   {DEMO_PLAN}
 
 Try:
   curl -i {gateway}/api/v1/orders                      # stays on the monolith
   curl -i {gateway}/api/v2/users/3                     # the new users service
   curl -i {gateway}/api/v1/users/3 -H 'X-User-Id: 7'   # 90/10 split, sticky per user
   curl -i {gateway}/old-home                           # redirects pass through
-  strangler explain {DEMO_RULES} GET /api/v1/users/3 -H 'X-User-Id: 7'
-  STRANGLER_ADMIN_TOKEN=demo-token strangler migrate start migrations/users.yaml
-      # ramps users-v1 on evidence; break users with
-      # curl -X POST '{backends.users_url}/admin/fail?rate=0.5' and it rolls back
+  strangler explain {rules} GET /api/v1/users/3 -H 'X-User-Id: 7'
 """
+    if admin is None:
+        return text
+    # The demo rules read the token from the environment, falling back to
+    # demo-token; a token the user set is theirs and is not printed.
+    token = (
+        "# STRANGLER_ADMIN_TOKEN is already set in your environment"
+        if os.environ.get("STRANGLER_ADMIN_TOKEN")
+        else "export STRANGLER_ADMIN_TOKEN=demo-token"
+    )
+    return (
+        text
+        + f"""
+Move /api/v1/users to the users service on evidence, then break it:
+  {token}
+  strangler migrate start {plan} --admin {admin}
+  while true; do curl -s -o /dev/null -H "X-User-Id: $RANDOM" \\
+    {gateway}/api/v1/users/3; done              # traffic, in another terminal
+  strangler migrate status --admin {admin}      # ramps 25% -> 50% -> 100%
+  curl -X POST '{backends.users_url}/admin/fail?rate=0.5'   # the new service fails
+  strangler migrate status --admin {admin}      # ROLLED_BACK: all on the monolith
+"""
+    )

@@ -37,7 +37,7 @@ _ACTIONS = {
     "pause": "stop a running plan where it is (the split stays as it is)",
     "resume": "go on with a paused plan; its current step's hold starts again",
     "abort": "end a plan and put the new side back to 0%",
-    "promote": "skip to the plan's last step now and end it (after a human look)",
+    "promote": "move the new side to 100% now and end the plan (after a human look)",
 }
 
 
@@ -282,14 +282,32 @@ def _history_line(entry: dict[str, Any], move_to: str) -> str:
         text += f" after {format_duration(entry['held_for'])}"
     evidence = entry.get("evidence")
     if evidence:
-        failed, sent = evidence["new_failed"], evidence["new_requests"]
-        text += (
-            f"  [{evidence['route_requests']} requests; {failed} of {sent} to "
-            f"{_clean(move_to)} failed]"
-        )
+        text += f"  [{_evidence_text(evidence, move_to, entry['event'])}]"
     if entry.get("reason"):
         text += f": {_clean(entry['reason'])}"
     return text
+
+
+def _evidence_text(evidence: dict[str, Any], move_to: str, event: str) -> str:
+    """The numbers of one history entry: requests, failures, p99s, agreement."""
+    name = _clean(move_to)
+    failed, sent = evidence["new_failed"], evidence["new_requests"]
+    # A `started` entry counts what the route did before the plan.
+    window = "since the gateway started: " if event == "started" else ""
+    parts = [
+        f"{window}{evidence['route_requests']} requests",
+        f"{failed} of {sent} to {name} failed",
+        f"p99 {name} {_ms(evidence.get('new_p99_ms'))}, "
+        f"the others {_ms(evidence.get('old_p99_ms'))}",
+    ]
+    compared = evidence.get("shadow_compared")
+    if compared is not None:
+        parts.append(f"shadow {evidence.get('shadow_agreed')} of {compared} agreed")
+    return "; ".join(parts)
+
+
+def _ms(value: Any) -> str:
+    return "-" if value is None else f"{value:.1f} ms"
 
 
 def _table(rows: Sequence[Sequence[str]]) -> list[str]:

@@ -156,6 +156,12 @@ class Evidence:
             shadow_added=added,
         )
 
+    @classmethod
+    def so_far(cls, snapshot: Snapshot) -> Evidence:
+        """Everything counted on the route up to `snapshot`, since counting began."""
+        shadow = None if snapshot.shadow is None else (0, 0)
+        return cls.between(Snapshot(0, Side(), Side(), 0, shadow), snapshot)
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "route_requests": self.route_requests,
@@ -230,8 +236,8 @@ def judge(
 ) -> tuple[GateResult, ...]:
     """Every gate of a plan against the evidence of its current step.
 
-    Only `min_requests` ever waits on its own; the other gates wait for it,
-    so no gate fails on the first handful of requests of a step.
+    No gate is judged before `min_requests` holds, so none fails on the
+    first handful of requests of a step.
     """
     enough = evidence.route_requests >= gates.min_requests
     results = [_min_requests(gates.min_requests, evidence)]
@@ -250,12 +256,17 @@ def judge(
             results.append(_p99_ratio(bound, evidence, move_to))
     if gates.min_shadow_agreement is not None:
         bound = gates.min_shadow_agreement
-        if evidence.compared is None:
-            detail = "the route has no shadow"
-            if evidence.shadow_added:
-                detail = "the shadow was added during this step; judged from the next"
+        if evidence.shadow_added:
+            detail = "the shadow was added during this step; judged from the next"
             results.append(
                 GateResult("min_shadow_agreement", bound, None, "skip", detail)
+            )
+        elif evidence.compared is None:
+            # The plan asked for agreement; advancing without it would be a
+            # guess, so the plan holds at this step until the shadow is back.
+            detail = "the route has no shadow now; the plan holds until it has one"
+            results.append(
+                GateResult("min_shadow_agreement", bound, None, "wait", detail)
             )
         elif not enough:
             results.append(

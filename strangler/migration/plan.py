@@ -27,7 +27,14 @@ from strangler.model import Rules
 from strangler.units import parse_duration
 from strangler.yaml_source import Document, KeyPath, format_key, load_yaml
 
-__all__ = ["Gates", "OnFail", "Plan", "load_plan", "parse_plan"]
+__all__ = ["CHECK_INTERVAL", "Gates", "OnFail", "Plan", "load_plan", "parse_plan"]
+
+CHECK_INTERVAL = 1.0
+"""Seconds between the runner's checks of every running plan; the shortest hold.
+
+A hold shorter than this would be held for a whole check anyway, so the
+checker refuses it rather than let the file promise what the gateway cannot do.
+"""
 
 OnFail = Literal["rollback", "pause"]
 ON_FAIL: tuple[str, ...] = get_args(OnFail)
@@ -180,7 +187,7 @@ class _PlanChecker:
         gates = self._gates(value.get("gates", {}), ("gates",))
         on_fail = self._on_fail(value.get("on_fail", "rollback"))
         if rules is not None and route is not None:
-            self._against_rules(rules, route, move_to)
+            self._against_rules(rules, route, move_to, gates)
 
         if len(self.problems) != before:
             return None
@@ -264,6 +271,14 @@ class _PlanChecker:
                 ok = False
                 continue
             steps.append(step)
+        if ok and steps[-1] != 100:
+            self.report(
+                (*path, len(value) - 1),
+                f"the last step must be 100%, got {_pct(steps[-1])}: a plan ends "
+                "with move_to taking the whole route (to stop part way, pause "
+                "the plan or use `strangler shift`)",
+            )
+            ok = False
         return tuple(steps) if ok else ()
 
     def _hold(self, value: Any) -> float | None:
@@ -277,6 +292,13 @@ class _PlanChecker:
             return None
         if not math.isfinite(seconds) or seconds <= 0:
             self.report(("hold",), f"must be a duration above 0, got {_show(value)}")
+            return None
+        if seconds < CHECK_INTERVAL:
+            self.report(
+                ("hold",),
+                f"must be at least {CHECK_INTERVAL:g}s, got {_show(value)}: the "
+                f"gateway checks running plans every {CHECK_INTERVAL:g}s",
+            )
             return None
         return seconds
 
@@ -326,7 +348,11 @@ class _PlanChecker:
         return float(number)
 
     def _against_rules(
-        self, rules: Rules, route_name: str, move_to: str | None
+        self,
+        rules: Rules,
+        route_name: str,
+        move_to: str | None,
+        gates: Gates | None,
     ) -> None:
         source = rules.source
         route = next((r for r in rules.routes if r.name == route_name), None)
@@ -345,8 +371,22 @@ class _PlanChecker:
                 "needs a route with a split of two or more upstreams",
             )
             return
+        wants_shadow = gates is not None and gates.min_shadow_agreement is not None
+        if wants_shadow and route.shadow is None:
+            self.report(
+                ("gates", "min_shadow_agreement"),
+                f"route {route_name!r} has no shadow in {source}, so this gate "
+                "could never be judged; add a `shadow` to the route or remove "
+                "the gate",
+            )
         if move_to is None:
             return
+        if wants_shadow and route.shadow is not None and route.shadow.to != move_to:
+            self.report(
+                ("gates", "min_shadow_agreement"),
+                f"the shadow of route {route_name!r} goes to {route.shadow.to!r}, "
+                f"not to {move_to!r}: its agreement says nothing about {move_to!r}",
+            )
         if move_to not in rules.upstreams:
             self.report(
                 ("move_to",),

@@ -35,7 +35,7 @@ from strangler.migration.evidence import (
     judge,
     take_snapshot,
 )
-from strangler.migration.plan import Plan
+from strangler.migration.plan import CHECK_INTERVAL, Plan
 from strangler.migration.state import Migration, MigrationStore
 from strangler.runtime_weights import WeightError
 
@@ -45,9 +45,6 @@ if TYPE_CHECKING:
 __all__ = ["ACTIONS", "CHECK_INTERVAL", "Action", "MigrationError", "MigrationRunner"]
 
 log = structlog.get_logger("strangler.migration")
-
-CHECK_INTERVAL = 1.0
-"""Seconds between checks of every running plan."""
 
 Action = Literal["pause", "resume", "abort", "promote"]
 ACTIONS: tuple[str, ...] = get_args(Action)
@@ -106,6 +103,7 @@ class MigrationRunner:
                 # The counters of the step so far died with the old process:
                 # the step's hold starts again with fresh evidence.
                 migration.step_started_at = now
+            if migration.active:
                 migration.baseline = self._snapshot(migration)
             log.info(
                 "migration_restored",
@@ -137,13 +135,17 @@ class MigrationRunner:
         return migration
 
     def evidence(self, migration: Migration) -> Evidence | None:
-        """The evidence of a running plan's current step so far."""
-        if migration.status != "running" or migration.baseline is None:
+        """The evidence of an active plan's current step so far.
+
+        A paused plan keeps counting from where its step started, so the
+        person deciding to resume or promote it sees what happened since.
+        """
+        if not migration.active or migration.baseline is None:
             return None
         return Evidence.between(migration.baseline, self._snapshot(migration))
 
     def current_gates(self, migration: Migration) -> tuple[GateResult, ...]:
-        """Gates judged now for a running plan; the last judgement otherwise."""
+        """Gates judged now for an active plan; the last judgement otherwise."""
         evidence = self.evidence(migration)
         if evidence is None:
             return migration.gates
@@ -179,10 +181,21 @@ class MigrationRunner:
         current = route.effective_weights()
         have = current[plan.move_to]
         first = next((i for i, step in enumerate(plan.steps) if step >= have), None)
-        if first is None:
+        if first is None or have >= 100:
             raise MigrationError(
-                f"{plan.move_to!r} already takes {have:g}% of {plan.route!r}, above "
-                f"the plan's last step ({plan.steps[-1]:g}%); nothing to do"
+                f"{plan.move_to!r} already takes {have:g}% of {plan.route!r}; "
+                "nothing to do"
+            )
+        # A plan whose progress cannot be kept would silently start over (or
+        # be forgotten) after a restart: refuse it before the split moves.
+        unsaved = self.store.save(self.migrations.values())
+        if unsaved is not None:
+            raise MigrationError(
+                f"cannot keep the plan's progress in {self.store.path}: {unsaved}; "
+                "start the gateway with `strangler serve --state PATH` pointing "
+                "at a writable place",
+                503,
+                "state_not_writable",
             )
         now = self.clock.seconds()
         migration = Migration(
@@ -201,7 +214,10 @@ class MigrationRunner:
         if skipped:
             shown = ", ".join(f"{step:g}%" for step in skipped)
             reason = f"skipped {shown}: {plan.move_to} already had {have:g}%"
-        self._record(migration, "started", have, by, reason)
+        # What the route did before the plan: every request since this
+        # gateway started, at the split it had then.
+        before = Evidence.so_far(migration.baseline)
+        self._record(migration, "started", have, by, reason, evidence=before)
         self.migrations[plan.name] = migration
         self._save()
         return migration
@@ -239,12 +255,16 @@ class MigrationRunner:
             raise MigrationError(
                 f"{drift}; shift it back to {migration.weight:g}% or abort the plan"
             )
+        # The entry keeps what the person saw before resuming; the step's
+        # hold and evidence then start afresh.
         migration.status = "running"
         migration.reason = None
+        self._record(
+            migration, "resumed", migration.weight, by, None, evidence=evidence
+        )
         migration.gates = ()
         migration.step_started_at = self.clock.seconds()
         migration.baseline = self._snapshot(migration)
-        self._record(migration, "resumed", migration.weight, by, None)
 
     def _abort(self, migration: Migration, by: str, evidence: Evidence | None) -> None:
         before = migration.weight
@@ -259,10 +279,11 @@ class MigrationRunner:
     def _promote(
         self, migration: Migration, by: str, evidence: Evidence | None
     ) -> None:
+        # Promote means the whole route, whatever step the plan was at (a plan
+        # saved by an older version may end below 100%).
         before = migration.weight
-        last = len(migration.plan.steps) - 1
-        self._apply(migration, migration.plan.steps[last])
-        migration.step = last
+        self._apply(migration, 100.0)
+        migration.step = len(migration.plan.steps) - 1
         migration.status = "completed"
         migration.reason = f"promoted by {by}"
         self._record(

@@ -147,18 +147,20 @@ class MigrationStore:
                 )
         return found
 
-    def save(self, migrations: Iterable[Migration]) -> None:
+    def save(self, migrations: Iterable[Migration]) -> str | None:
+        """Write every plan; None when done, else why not (also logged)."""
         if self.path is None:
-            return
+            return None
         data = {"version": _VERSION, "migrations": [m.record() for m in migrations]}
         temporary = self.path.with_name(self.path.name + ".tmp")
         try:
             temporary.write_text(json.dumps(data, indent=2, sort_keys=True))
             os.replace(temporary, self.path)
         except OSError as exc:
-            log.warning(
-                "migration_state_not_saved", path=str(self.path), error=exc.strerror
-            )
+            reason = exc.strerror or str(exc)
+            log.error("migration_state_not_saved", path=str(self.path), error=reason)
+            return reason
+        return None
 
 
 def migrations_path(state_path: Path) -> Path:
