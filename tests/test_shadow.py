@@ -17,6 +17,8 @@ from shadow_support import (
     wait_until,
 )
 
+from strangler.shadow.cli import format_diffs
+
 ensure = pytest_twisted.ensureDeferred
 services = services_fixture()
 
@@ -138,6 +140,46 @@ async def test_a_timestamp_is_learned_as_noise_and_real_differences_remain(
     # The repeats went to the primary, marked, and only for the sample.
     assert len(primary.copies()) == 10 and len(primary.originals()) == 30
     assert all(c["method"] == "GET" for c in primary.copies())
+
+
+@ensure
+async def test_text_answers_with_a_timestamp_never_teach_the_whole_body_as_noise(
+    services, gateway
+):
+    clock = itertools.count(1000)
+
+    def monolith(seen: Seen) -> Reply:
+        if seen["uri"].endswith("/status"):
+            return 200, {"Content-Type": "text/plain"}, b"up at %d" % next(clock)
+        return json_reply(USER)
+
+    def users(seen: Seen) -> Reply:
+        if seen["uri"].endswith("/status"):
+            return 200, {"Content-Type": "text/plain"}, b"up at 1"
+        return json_reply({**USER, "email": "wrong@example.com"})
+
+    primary, shadow = services(monolith), services(users)
+    gw = gateway(rules(primary, shadow, "      compare: {noise: auto}"))
+
+    # The whole noise sample is spent on the text answers first.
+    await run_load(gw.port, lambda i: get("/api/v1/users/status"), 10, workers=1)
+    stats = stats_of(gw)
+    await wait_until(lambda: stats.compared == 10)
+    await run_load(gw.port, lambda i: get("/api/v1/users/7"), 5, workers=1)
+    await wait_until(lambda: stats.compared == 15)
+
+    noise = stats.noise
+    assert noise.probes == 10 and noise.whole_body == 10
+    assert noise.fields == {} and noise.paths.patterns == []
+    assert noise.suppressed == {}
+    assert stats.fields[("body", "$.email")].count == 5
+    assert stats.fields[("body", "$")].count == 10
+    assert stats.agreed == 0
+    report = stats.detail(active=True)
+    assert report["noise"]["whole_body"] == 10 and report["noise"]["fields"] == []
+    text = format_diffs(report)
+    assert "10 repeated pairs differed as whole bodies" in text
+    assert "$.email" in text and "none learned so far" in text
 
 
 @ensure

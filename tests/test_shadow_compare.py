@@ -359,6 +359,26 @@ def test_noise_is_not_learned_from_answers_with_different_statuses():
     assert learner.fields == {} and learner.unusable == 1
 
 
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        (Answer(200, [(b"Content-Type", b"text/plain")], b"at 1"), b"at 2"),
+        (Answer(200, JSON, b'{"a": 1'), b'{"a": 2'),
+        (Answer(200, JSON, b"1"), b"2"),
+    ],
+)
+def test_the_whole_body_is_never_learned_as_noise(first, second):
+    learner = NoiseLearner()
+    repeat = Answer(200, first.headers, second)
+    assert learner.learn(first, repeat, spec()) == []
+    assert learner.fields == {} and not learner.paths
+    assert learner.whole_body == 1 and learner.report("auto")["whole_body"] == 1
+    outcome = compare(
+        answer({"email": "a"}), answer({"email": "b"}), spec(), learner.paths
+    )
+    assert fields(outcome) == ["$.email"]
+
+
 def test_learned_header_noise_is_left_out():
     learner = NoiseLearner()
     names = (b"content-type", b"etag")

@@ -139,6 +139,12 @@ def format_diffs(report: dict[str, Any], top: int = DEFAULT_TOP) -> str:
             f"{noise['sample_size']} repeated requests compared, "
             f"{noise['unusable']} unusable)"
         )
+        if noise.get("whole_body"):
+            lines.append(
+                f"{noise['whole_body']} repeated pairs differed as whole bodies "
+                "(not JSON or XML, over 1 MiB, or not parsing): not comparable "
+                "field by field, so nothing was learned from them"
+            )
         if noise["fields"]:
             lines += _table(
                 [("FIELD", "KIND", "SEEN", "LEFT OUT")]

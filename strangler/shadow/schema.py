@@ -124,6 +124,7 @@ OPENAPI_SCHEMAS: dict[str, Any] = {
             "probes": _COUNT,
             "learned_from": _COUNT,
             "unusable": _COUNT,
+            "whole_body": _COUNT,
             "fields": {
                 "type": "array",
                 "items": _closed(
