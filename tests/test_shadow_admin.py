@@ -248,3 +248,83 @@ def test_the_report_of_a_route_with_nothing_compared_yet():
     assert "No differing fields." in text
     assert "shadow errors: timeout 3" in text
     assert "not copied: method 4" in text
+
+
+REDACT_KEY = "innocent-key-0123456789abcdef"
+
+
+def _redacting_rules(primary: Any, shadow: Any, redact: str) -> str:
+    return f"""
+listen: 127.0.0.1:0
+admin: {{listen: 127.0.0.1:0, token: {TOKEN}}}
+upstreams:
+  monolith: {{targets: [{primary.url}]}}
+  users: {{targets: [{shadow.url}]}}
+default: monolith
+consumers:
+  mobile: {{api_keys: [{REDACT_KEY}]}}
+auth:
+  default: api_key
+  api_key: {{header: X-Client, query: client}}
+routes:
+  - name: users-v1
+    match: {{path: /api/v1/users}}
+    to: monolith
+    shadow: {{to: users, redact: [{redact}]}}
+"""
+
+
+async def _sample(gw: Any, client: Any, count: int) -> dict[str, Any]:
+    stats = gw.server.gateway.shadows.routes["users-v1"]
+    await wait_until(lambda: stats.compared == count)
+    admin = f"http://127.0.0.1:{gw.server.admin_port.getHost().port}"
+    response = await client.get(
+        f"{admin}/shadow/users-v1", headers={"Authorization": [f"Bearer {TOKEN}"]}
+    )
+    assert response.code == 200
+    report = orjson.loads(await response.content())
+    _check(report, "ShadowRoute")
+    return report
+
+
+@ensure
+async def test_samples_redact_the_api_key_header_and_configured_names(
+    services, gateway, client
+):
+    primary = services(lambda seen: json_reply({"v": 1, "tenant": "acme"}))
+    shadow = services(lambda seen: json_reply({"v": 2, "tenant": "acme"}))
+    gw = gateway(_redacting_rules(primary, shadow, "X-Tenant"))
+    gw.server.start_admin()
+    headers = {
+        "X-Client": REDACT_KEY,
+        "X-Tenant": "tenant-secret",
+        "X-Region": "eu-1",
+        "X-Trace": "visible",
+    }
+
+    await run_load(gw.port, lambda i: get("/api/v1/users?q=1", headers), 1)
+    report = await _sample(gw, client, 1)
+
+    (sample,) = report["samples"]
+    seen = dict(map(tuple, sample["request"]["headers"]))
+    assert seen["X-Client"] == seen["X-Tenant"] == "[redacted]"
+    assert seen["X-Region"] == "eu-1" and seen["X-Trace"] == "visible"
+    assert REDACT_KEY not in repr(report) and "tenant-secret" not in repr(report)
+    assert report["settings"]["redact"] == ["x-tenant"]
+    # Only the report hides them: the shadow received what the client sent.
+    assert shadow.copies()[0]["headers"]["x-tenant"] == "tenant-secret"
+
+    # A reload changes what new samples hide; the API-key query parameter too.
+    gw.rules_path.write_text(_redacting_rules(primary, shadow, "X-Region"))
+    assert gw.server.reload().ok
+    await run_load(
+        gw.port, lambda i: get(f"/api/v1/users?client={REDACT_KEY}&q=1", headers), 1
+    )
+    report = await _sample(gw, client, 2)
+
+    newest = report["samples"][0]
+    seen = dict(map(tuple, newest["request"]["headers"]))
+    assert seen["X-Region"] == "[redacted]" and seen["X-Tenant"] == "tenant-secret"
+    assert seen["X-Client"] == "[redacted]"
+    assert newest["request"]["target"] == "/api/v1/users?client=[redacted]&q=1"
+    assert REDACT_KEY not in repr(report)

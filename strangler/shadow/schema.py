@@ -96,6 +96,7 @@ OPENAPI_SCHEMAS: dict[str, Any] = {
                     "noise": {"enum": ["auto", "off"]},
                 }
             ),
+            "redact": {"type": "array", "items": _TEXT},
         }
     ),
     "ShadowField": _closed(
