@@ -537,3 +537,63 @@ async def test_the_shadow_transform_converts_the_copy_and_its_answer(services, g
     assert copy["headers"]["content-type"] == "application/json"
     assert orjson.loads(copy["body"]) == {"user": {"name": "Ann"}}
     assert stats.agreed == 3
+
+
+def _converting_rules(primary, shadow) -> str:  # type: ignore[no-untyped-def]
+    """The route converts the legacy XML answer to JSON for its clients."""
+    return rules(primary, shadow, "      percent: 100").replace(
+        "    to: monolith\n",
+        "    to: monolith\n    transform: {response: xml_to_json}\n",
+    )
+
+
+LEGACY_USER = b"<?xml version='1.0'?><user id='7'><name>Ann</name><age>41</age></user>"
+CONVERTED_USER = {"user": {"@id": 7, "name": "Ann", "age": 41}}
+
+
+@ensure
+async def test_the_primary_is_compared_as_the_route_transform_delivered_it(
+    services, gateway
+):
+    primary = services(
+        lambda seen: (200, {"Content-Type": "application/xml"}, LEGACY_USER)
+    )
+    shadow = services(lambda seen: json_reply(CONVERTED_USER))
+    gw = gateway(_converting_rules(primary, shadow))
+
+    result = await run_load(gw.port, lambda i: get(f"/api/v1/users/{i}"), 10)
+    stats = stats_of(gw)
+    await wait_until(lambda: stats.compared == 10)
+
+    assert {orjson.loads(r.body) == CONVERTED_USER for r in result.replies} == {True}
+    assert stats.agreed == 10 and stats.agreement() == 1.0
+    assert stats.fields == {}
+
+
+@ensure
+async def test_a_field_the_shadow_gets_wrong_after_the_route_transform_is_named(
+    services, gateway
+):
+    primary = services(
+        lambda seen: (200, {"Content-Type": "application/xml"}, LEGACY_USER)
+    )
+    wrong = {"user": {**CONVERTED_USER["user"], "age": "41"}}
+    shadow = services(lambda seen: json_reply(wrong))
+    gw = gateway(_converting_rules(primary, shadow))
+
+    await run_load(gw.port, lambda i: get("/api/v1/users/7"), 5)
+    stats = stats_of(gw)
+    await wait_until(lambda: stats.compared == 5)
+
+    assert stats.agreed == 0
+    assert list(stats.fields) == [("body", "$.user.age")]
+    example = stats.fields[("body", "$.user.age")].example
+    assert (example["where"], example["primary"], example["shadow"]) == (
+        "$.user.age",
+        "41",
+        '"41"',
+    )
+    # The sample shows the primary's answer as the client got it: JSON.
+    sample = stats.samples[-1]["primary"]
+    assert orjson.loads(sample["body"]) == CONVERTED_USER
+    assert dict(map(tuple, sample["headers"]))["Content-Type"] == "application/json"
