@@ -226,7 +226,7 @@ def test_the_report_of_a_route_with_nothing_compared_yet():
         "agreed": 0,
         "agreement": None,
         "mirrored": 0,
-        "errors": 0,
+        "errors": 2,
         "timeouts": 3,
         "skipped": 0,
         "dropped": 2,
@@ -235,7 +235,7 @@ def test_the_report_of_a_route_with_nothing_compared_yet():
         "ignored": 0,
         "fields": [],
         "noise": {"mode": "off"},
-        "error_reasons": {},
+        "error_reasons": {"connect": 2},
         "skipped_reasons": {"method": 4},
     }
 
@@ -246,7 +246,11 @@ def test_the_report_of_a_route_with_nothing_compared_yet():
         "agreement: no pairs compared yet",
     ]
     assert "No differing fields." in text
-    assert "shadow errors: timeout 3" in text
+    # The heading's error count and the reasons below it are the same errors;
+    # timeouts are counted apart in both places, never inside "errors".
+    assert "copied 0, shadow errors 2, timeouts 3," in text
+    (reasons,) = [line for line in text.splitlines() if "by reason" in line]
+    assert reasons == "shadow errors by reason: connect 2"
     assert "not copied: method 4" in text
 
 

@@ -157,9 +157,9 @@ def format_diffs(report: dict[str, Any], top: int = DEFAULT_TOP) -> str:
             lines.append("none learned so far")
 
     lost = []
-    if report["error_reasons"] or report["timeouts"]:
-        reasons = {"timeout": report["timeouts"], **report["error_reasons"]}
-        lost.append("shadow errors: " + _counts(reasons))
+    if report["error_reasons"]:
+        # The same errors the heading counts; timeouts are counted there apart.
+        lost.append("shadow errors by reason: " + _counts(report["error_reasons"]))
     if report["skipped_reasons"]:
         lost.append("not copied: " + _counts(report["skipped_reasons"]))
     if lost:

@@ -68,9 +68,10 @@ _NOT_COPIED_TYPED = _NOT_COPIED | {b"content-type"}
 def compile_spec(shadow: Shadow, route: str = "") -> CompareSpec:
     """The route's compare settings, with its ignore paths parsed.
 
-    `strangler check` only knows that an ignore path starts with `$`; one
-    that uses a selector outside the supported subset is logged here and
-    left out, so the rest of the route's shadow keeps working.
+    `strangler check` already refuses an ignore path this parser cannot
+    read, so rules loaded from a file never fail here. A `Shadow` built in
+    code can still carry one: it is logged and left out, so the rest of the
+    route's shadow keeps working.
     """
     patterns = []
     for text in shadow.compare.ignore:
