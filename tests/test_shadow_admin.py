@@ -30,6 +30,7 @@ from twisted.internet import reactor
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.web import resource, server
 
+from strangler.admin.client import format_status
 from strangler.shadow.admin import ShadowCollector, shadow_route, shadow_summary
 from strangler.shadow.cli import format_diffs
 from strangler.shadow.schema import OPENAPI_PATHS, OPENAPI_SCHEMAS
@@ -332,3 +333,67 @@ async def test_samples_redact_the_api_key_header_and_configured_names(
     assert seen["X-Client"] == "[redacted]"
     assert newest["request"]["target"] == "/api/v1/users?client=[redacted]&q=1"
     assert REDACT_KEY not in repr(report)
+
+
+async def _status(admin: str) -> tuple[int, str, str]:
+    env = {**os.environ, "STRANGLER_ADMIN_TOKEN": TOKEN}
+    out, err, code = await getProcessOutputAndValue(
+        sys.executable,
+        ["-m", "strangler.cli", "status", "--admin", admin],
+        env=env,
+        path=str(ROOT),
+    )
+    return code, out.decode(), err.decode()
+
+
+@ensure
+async def test_strangler_status_and_the_dashboard_show_shadow_agreement(
+    services, gateway, client
+):
+    answers = itertools.count()
+    primary = services(lambda seen: json_reply({"id": 1}))
+    # Three of four answers agree.
+    shadow = services(lambda seen: json_reply({"id": 1 if next(answers) % 4 else 2}))
+    text = rules(primary, shadow, "      percent: 100").replace(
+        "listen: 127.0.0.1:0\n",
+        f"listen: 127.0.0.1:0\nadmin: {{listen: 127.0.0.1:0, token: {TOKEN}}}\n",
+    )
+    gw = gateway(text)
+    gw.server.start_admin()
+    admin = f"http://127.0.0.1:{gw.server.admin_port.getHost().port}"
+
+    await run_load(gw.port, lambda i: get("/api/v1/users"), 8, workers=1)
+    stats = gw.server.gateway.shadows.routes["users-v1"]
+    await wait_until(lambda: stats.compared == 8)
+    code, out, err = await _status(admin)
+    page = await client.get(f"{admin}/dashboard")
+    html = (await page.content()).decode()
+
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[1].split()[5] == "SHADOW"
+    (route,) = [line for line in lines if line.startswith("users-v1 ")]
+    assert "users 75.0% of 8" in route
+    (default,) = [line for line in lines if line.startswith("default ")]
+    assert default.split()[5] == "-"
+    # The dashboard reads the same summary and prints the agreement from it.
+    assert 'getJson("shadow")' in html
+    assert '" agree ("' in html and "summary.agreement" in html
+
+
+def test_the_status_table_says_when_a_shadow_has_compared_nothing():
+    route = {
+        "name": "r",
+        "split": [{"upstream": "a", "weight": 100, "traffic": {"requests": 0}}],
+        "source": "rules",
+        "sticky": None,
+        "match": None,
+        "shadow": {"to": "new", "percent": 5},
+    }
+    reload = {"ok": True, "at": "t", "source": "rules.yaml", "errors": []}
+    summary = {"route": "r", "compared": 0, "agreement": None}
+
+    for shadows in (None, [summary]):
+        text = format_status([route], [], reload, shadows)
+        (row,) = [line for line in text.splitlines() if line.startswith("r ")]
+        assert "new (none compared)" in row
