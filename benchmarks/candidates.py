@@ -53,6 +53,8 @@ BACKEND_JSON = (
     '"tags":["a","b","c"]}'
 )
 BIG_BODY_BYTES = 1024 * 1024
+# The never-answering shadow target exits on its own after this long.
+HANG_LIFETIME = 3 * 3600
 
 
 # -- features -------------------------------------------------------------------
@@ -67,6 +69,7 @@ class ProbeContext:
     access_log: Path
     shadow_port: int
     pgid: int
+    hang_count: Path | None = None
 
 
 Probe = Callable[[ProbeContext], str | None]
@@ -148,6 +151,29 @@ def _probe_shadow(ctx: ProbeContext) -> str | None:
     return f"rule accepted, but only {copies} of 10 copies reached the shadow backend"
 
 
+def hang_accepted(count_file: Path) -> int:
+    """Connections the never-answering shadow target has accepted so far."""
+    try:
+        return int(count_file.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def _probe_shadow_hang(ctx: ProbeContext) -> str | None:
+    if ctx.hang_count is None:
+        return "the never-answering shadow target was not started"
+    before = hang_accepted(ctx.hang_count)
+    statuses = _requests(ctx.port, 10)
+    if statuses != [200] * 10:
+        return f"clients got {sorted(set(statuses))} with a hanging shadow"
+    until = time.monotonic() + 3
+    while time.monotonic() < until:
+        if hang_accepted(ctx.hang_count) > before:
+            return None
+        time.sleep(0.1)
+    return "rule accepted, but no copy reached the never-answering shadow target"
+
+
 def _probe_workers(ctx: ProbeContext) -> str | None:
     pids = group_pids(ctx.pgid)
     if len(pids) < 2:
@@ -199,6 +225,11 @@ FEATURES: dict[str, Feature] = {
             route="    shadow: {to: mirror, percent: 100}",
             probe=_probe_shadow,
         ),
+        Feature(
+            "shadow_hang",
+            route="    shadow: {to: hang, percent: 100}",
+            probe=_probe_shadow_hang,
+        ),
         Feature("workers_2", serve_args=("--workers", "2"), probe=_probe_workers),
     )
 }
@@ -249,6 +280,11 @@ STRANGLER_FULL = _strangler(
     ("sticky_split", "access_log"),
 )
 STRANGLER_SHADOW = _strangler("strangler-shadow", ("access_log", "shadow"), ("shadow",))
+# The same shadow, to a target that accepts and never answers: every copy
+# hangs until the shadow's timeout, and the client's path must not notice.
+STRANGLER_SHADOW_HANG = _strangler(
+    "strangler-shadow-hang", ("access_log", "shadow_hang"), ("shadow_hang",)
+)
 STRANGLER_WORKERS = _strangler(
     "strangler-workers2",
     ("access_log", "workers_2"),
@@ -268,8 +304,15 @@ THROUGHPUT = (
     STRANGLER_SPLIT,
     STRANGLER_FULL,
     STRANGLER_SHADOW,
+    STRANGLER_SHADOW_HANG,
     STRANGLER_WORKERS,
 )
+# Measured against strangler-plain in the same run: what a shadow costs.
+SHADOW_COST = (STRANGLER_SHADOW, STRANGLER_SHADOW_HANG)
+SHADOW_BASE = STRANGLER_PLAIN
+# Loaded for a minute while RSS is sampled: memory must not grow.
+SOAK = STRANGLER_SHADOW_HANG
+SOAK_SECONDS = 60
 # Added latency at one connection, against DIRECT.
 LATENCY = (DIRECT, NGINX, HAPROXY, STRANGLER_PLAIN, STRANGLER_FULL)
 # 1 MiB bodies each way, and 5,000 idle keep-alive connections.
@@ -328,6 +371,8 @@ class Lab:
         self.source = source
         self.backend_port = 0
         self.shadow_port = 0
+        self.hang_port = 0
+        self.hang_count: Path | None = None
         self._backend: Started | None = None
         self._admin_ports: dict[str, int] = {}
         self._serve_help: str | None = None
@@ -346,6 +391,24 @@ class Lab:
         (static / "big").chmod(0o644)
         self.backend_port = self._start_nginx("backend", "backend-nginx.conf", static)
         self.shadow_port = self._start_nginx("shadow", "backend-nginx.conf", static)
+        self._start_hang_server()
+
+    def _start_hang_server(self) -> None:
+        """The shadow target that never answers, on the load core."""
+        port = free_port()
+        count = self.workdir / "hang.count"
+        count.unlink(missing_ok=True)
+        argv = [
+            sys.executable, str(HERE / "hang_server.py"), "--listen", str(port),
+            "--count-file", str(count), "--lifetime", str(HANG_LIFETIME),
+        ]  # fmt: skip
+        started = self.procs.start("hang", pinned(self.cpus("load"), argv))
+        until = time.monotonic() + 15
+        while not count.exists():
+            if started.popen.poll() is not None or time.monotonic() > until:
+                raise RuntimeError(f"hang server did not start:\n{started.log_tail()}")
+            time.sleep(0.05)
+        self.hang_port, self.hang_count = port, count
 
     def start(self, candidate: Candidate) -> Running | Unavailable:
         if candidate.kind == "backend":
@@ -518,6 +581,7 @@ class Lab:
             port=port,
             backend_port=self.backend_port,
             shadow_port=self.shadow_port,
+            hang_port=self.hang_port,
             top=string.Template("\n".join(top)).substitute(values),
             route=route_text,
         )
@@ -566,6 +630,7 @@ class Lab:
             access_log=self.workdir / f"{running.candidate.name}-access.log",
             shadow_port=self.shadow_port,
             pgid=running.pgid,
+            hang_count=self.hang_count,
         )
         failed = {}
         for name in running.features:

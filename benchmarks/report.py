@@ -11,7 +11,15 @@ import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from candidates import BIG_BODY_BYTES, NGINX, Candidate, Running, Unavailable
+from candidates import (
+    BIG_BODY_BYTES,
+    NGINX,
+    SHADOW_BASE,
+    SHADOW_COST,
+    Candidate,
+    Running,
+    Unavailable,
+)
 from wrk import WrkResult
 
 REFERENCE = NGINX.name
@@ -34,7 +42,7 @@ def pinning(pin: bool) -> dict[str, str]:
     return {
         "gateway under test": "core 0 (strangler-workers2: cores 0-1)",
         "wrk": "core 1 (for strangler-workers2: cores 0-1)",
-        "backend nginx and shadow nginx": "core 1",
+        "backend nginx, shadow nginx and the never-answering target": "core 1",
         "this script, idle-connection holder, py-spy": "core 1",
     }
 
@@ -148,6 +156,10 @@ def summary(results: Mapping[str, Any]) -> dict[str, Any]:
                 }
             )
 
+    out["shadow_cost"] = shadow_cost(throughput)
+    if results.get("soak"):
+        out["soak"] = soak(results["soak"])
+
     out["large_bodies"] = {}
     for case, table in results.get("large_bodies", {}).items():
         ref_case = table.get(REFERENCE)
@@ -159,6 +171,54 @@ def summary(results: Mapping[str, Any]) -> dict[str, Any]:
             rows.append(row)
         out["large_bodies"][case] = rows
     return out
+
+
+def shadow_cost(throughput: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Each shadow row against strangler-plain in the same run, as ratios."""
+    base = throughput.get(SHADOW_BASE.name)
+    if not base or not base["runs"]:
+        return []
+    base_rps = _median(base["runs"], "rps")
+    base_p50, base_p99 = _median(base["runs"], "p50"), _median(base["runs"], "p99")
+    rows = []
+    for candidate in SHADOW_COST:
+        measured = throughput.get(candidate.name)
+        if not measured or not measured["runs"]:
+            continue
+        runs = measured["runs"]
+        rows.append(
+            {
+                "candidate": candidate.name,
+                "rps": _median(runs, "rps"),
+                "rps_ratio": _median(runs, "rps") / base_rps if base_rps else None,
+                "p50_ratio": _median(runs, "p50") / base_p50 if base_p50 else None,
+                "p99_ratio": _median(runs, "p99") / base_p99 if base_p99 else None,
+                "errors": _errors(runs),
+            }
+        )
+    return rows
+
+
+def soak(record: Mapping[str, Any]) -> dict[str, Any]:
+    """Start, end and peak RSS of the soak run, and how much it grew."""
+    samples = record["rss_kib"]
+    start, end = (samples[0], samples[-1]) if samples else (0, 0)
+    # Memory that settles early (pools, caches) is not growth: also compare
+    # the second half of the run with its end.
+    middle = samples[len(samples) // 2] if samples else 0
+    return {
+        "candidate": record["candidate"],
+        "seconds": record["seconds"],
+        "rps": record["requests_per_s"],
+        "samples": len(samples),
+        "rss_start_mib": start / 1024,
+        "rss_middle_mib": middle / 1024,
+        "rss_end_mib": end / 1024,
+        "rss_peak_mib": max(samples, default=0) / 1024,
+        "growth_mib": (end - start) / 1024,
+        "growth_second_half_mib": (end - middle) / 1024,
+        "errors": record["non_2xx"] + sum(record["socket_errors"].values()),
+    }
 
 
 # -- Markdown -------------------------------------------------------------------
@@ -208,6 +268,26 @@ IDLE_COLUMNS: list[Column] = [
     ("RSS held MiB", "rss_held_mib", ".1f"),
     ("KiB per connection", "kib_per_connection", ".1f"),
 ]
+SHADOW_COLUMNS: list[Column] = [
+    ("candidate", "candidate", ""),
+    ("req/s", "rps", ",.0f"),
+    (f"req/s x {SHADOW_BASE.name}", "rps_ratio", ".2f"),
+    ("p50 x", "p50_ratio", ".2f"),
+    ("p99 x", "p99_ratio", ".2f"),
+    ("errors", "errors", "d"),
+]
+SOAK_COLUMNS: list[Column] = [
+    ("candidate", "candidate", ""),
+    ("seconds", "seconds", "d"),
+    ("req/s", "rps", ",.0f"),
+    ("RSS start MiB", "rss_start_mib", ".1f"),
+    ("RSS middle MiB", "rss_middle_mib", ".1f"),
+    ("RSS end MiB", "rss_end_mib", ".1f"),
+    ("RSS peak MiB", "rss_peak_mib", ".1f"),
+    ("growth MiB", "growth_mib", "+.1f"),
+    ("second half MiB", "growth_second_half_mib", "+.1f"),
+    ("errors", "errors", "d"),
+]
 BODY_TITLES = {
     "post_1mib": "1 MiB request body (POST)",
     "get_1mib": "1 MiB response (GET)",
@@ -256,6 +336,21 @@ def render(results: Mapping[str, Any]) -> str:
         "",
         table(THROUGHPUT_COLUMNS, s["throughput"]),
     ]
+    if s.get("shadow_cost"):
+        parts += [
+            "",
+            f"### Shadow cost, against {SHADOW_BASE.name} in the same run",
+            "",
+            table(SHADOW_COLUMNS, s["shadow_cost"]),
+        ]
+    if s.get("soak"):
+        parts += [
+            "",
+            f"### Memory over a {s['soak']['seconds']} s run with a hanging shadow: "
+            f"RSS sampled every second",
+            "",
+            table(SOAK_COLUMNS, [s["soak"]]),
+        ]
     if s.get("latency_c1"):
         parts += [
             "",

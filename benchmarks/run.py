@@ -75,6 +75,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--only", help="comma-separated candidate names for the main table"
     )
     parser.add_argument(
+        "--soak",
+        type=int,
+        help=f"seconds of load on {cands.SOAK.name} while its memory is sampled "
+        f"({cands.SOAK_SECONDS}; 10 with --quick; 0 to skip)",
+    )
+    parser.add_argument(
         "--quiet-wait",
         type=float,
         default=60.0,
@@ -101,6 +107,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.side_duration = max(1, args.duration // 2)
     args.warmup = 1 if quick else 2
     args.idle_connections = args.idle_connections or (1000 if quick else 5000)
+    if args.soak is None:
+        args.soak = 10 if quick else cands.SOAK_SECONDS
+    if not 0 <= args.soak <= 600:
+        parser.error(f"--soak {args.soak}: expected 0 to 600 seconds")
     for name in ("duration", "runs", "connections", "idle_connections"):
         value = getattr(args, name)
         if value < 1:
@@ -364,6 +374,40 @@ class Bench:
             for case, (path, script) in cases.items()
         }
 
+    def soak(self) -> None:
+        """Load the hanging-shadow gateway for a while; its RSS, second by second.
+
+        Every copy it makes hangs until the shadow's timeout, so anything a
+        copy leaves behind would show as memory that keeps growing.
+        """
+        running = self.running.get(cands.SOAK.name)
+        seconds = self.args.soak
+        if running is None or not seconds:
+            return
+        self.others.wait_for_quiet(QUIET_LIMIT, self.args.quiet_wait)
+        self.others.start()
+        with GroupSampler(running.pgid, interval=1.0) as usage:
+            result = run_wrk(
+                self.procs,
+                running.url(),
+                connections=self.args.connections,
+                duration=seconds,
+                cpus=self.lab.cpus(running.candidate.load_cpus),
+                script=cands.LUA / "users.lua",
+            )
+        others = self.others.percent()
+        if running.access_log is not None and running.access_log.exists():
+            os.truncate(running.access_log, 0)
+        print(report.progress("soak", running.candidate.name, result, others))
+        self.results["soak"] = {
+            "candidate": running.candidate.name,
+            "seconds": seconds,
+            **result.as_dict(),
+            "rss_kib": usage.rss_kib,
+            "cpu_percent": round(usage.cpu_percent, 1),
+            "other_cpu_percent": round(others, 1),
+        }
+
     def idle_connections(self) -> None:
         count = self.args.idle_connections
         table: dict[str, Any] = {}
@@ -494,6 +538,7 @@ def main(argv: list[str] | None = None) -> int:
             side = [*cands.LATENCY, *cands.LARGE_BODIES, *cands.IDLE_CONNECTIONS]
             bench.start_all(main_table + ([] if args.only else side))
             bench.throughput(main_table)
+            bench.soak()
             if not args.only:
                 bench.latency()
                 bench.large_bodies()
@@ -528,6 +573,7 @@ def main(argv: list[str] | None = None) -> int:
             "runs": args.runs,
             "connections": args.connections,
             "idle_connections": args.idle_connections,
+            "soak_s": args.soak,
             "quiet_limit_percent": QUIET_LIMIT,
             "quiet_wait_s": args.quiet_wait,
             "retry_limit_percent": RETRY_LIMIT,

@@ -205,6 +205,8 @@ class Shadow:
     max_body: int = MIB
     max_in_flight: int = 100
     compare: Compare = field(default_factory=Compare)
+    redact: tuple[str, ...] = ()
+    """Header and query-parameter names (lower case) that samples never show."""
 
 
 @dataclass(frozen=True, slots=True)

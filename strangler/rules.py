@@ -920,6 +920,7 @@ _SHADOW = {
     "max_body": _size,
     "max_in_flight": _whole_number(1),
     "compare": _compare,
+    "redact": _list_of(_header_name),
 }
 
 

@@ -17,6 +17,8 @@ from shadow_support import (
     wait_until,
 )
 
+from strangler.shadow.cli import format_diffs
+
 ensure = pytest_twisted.ensureDeferred
 services = services_fixture()
 
@@ -138,6 +140,46 @@ async def test_a_timestamp_is_learned_as_noise_and_real_differences_remain(
     # The repeats went to the primary, marked, and only for the sample.
     assert len(primary.copies()) == 10 and len(primary.originals()) == 30
     assert all(c["method"] == "GET" for c in primary.copies())
+
+
+@ensure
+async def test_text_answers_with_a_timestamp_never_teach_the_whole_body_as_noise(
+    services, gateway
+):
+    clock = itertools.count(1000)
+
+    def monolith(seen: Seen) -> Reply:
+        if seen["uri"].endswith("/status"):
+            return 200, {"Content-Type": "text/plain"}, b"up at %d" % next(clock)
+        return json_reply(USER)
+
+    def users(seen: Seen) -> Reply:
+        if seen["uri"].endswith("/status"):
+            return 200, {"Content-Type": "text/plain"}, b"up at 1"
+        return json_reply({**USER, "email": "wrong@example.com"})
+
+    primary, shadow = services(monolith), services(users)
+    gw = gateway(rules(primary, shadow, "      compare: {noise: auto}"))
+
+    # The whole noise sample is spent on the text answers first.
+    await run_load(gw.port, lambda i: get("/api/v1/users/status"), 10, workers=1)
+    stats = stats_of(gw)
+    await wait_until(lambda: stats.compared == 10)
+    await run_load(gw.port, lambda i: get("/api/v1/users/7"), 5, workers=1)
+    await wait_until(lambda: stats.compared == 15)
+
+    noise = stats.noise
+    assert noise.probes == 10 and noise.whole_body == 10
+    assert noise.fields == {} and noise.paths.patterns == []
+    assert noise.suppressed == {}
+    assert stats.fields[("body", "$.email")].count == 5
+    assert stats.fields[("body", "$")].count == 10
+    assert stats.agreed == 0
+    report = stats.detail(active=True)
+    assert report["noise"]["whole_body"] == 10 and report["noise"]["fields"] == []
+    text = format_diffs(report)
+    assert "10 repeated pairs differed as whole bodies" in text
+    assert "$.email" in text and "none learned so far" in text
 
 
 @ensure
@@ -495,3 +537,63 @@ async def test_the_shadow_transform_converts_the_copy_and_its_answer(services, g
     assert copy["headers"]["content-type"] == "application/json"
     assert orjson.loads(copy["body"]) == {"user": {"name": "Ann"}}
     assert stats.agreed == 3
+
+
+def _converting_rules(primary, shadow) -> str:  # type: ignore[no-untyped-def]
+    """The route converts the legacy XML answer to JSON for its clients."""
+    return rules(primary, shadow, "      percent: 100").replace(
+        "    to: monolith\n",
+        "    to: monolith\n    transform: {response: xml_to_json}\n",
+    )
+
+
+LEGACY_USER = b"<?xml version='1.0'?><user id='7'><name>Ann</name><age>41</age></user>"
+CONVERTED_USER = {"user": {"@id": 7, "name": "Ann", "age": 41}}
+
+
+@ensure
+async def test_the_primary_is_compared_as_the_route_transform_delivered_it(
+    services, gateway
+):
+    primary = services(
+        lambda seen: (200, {"Content-Type": "application/xml"}, LEGACY_USER)
+    )
+    shadow = services(lambda seen: json_reply(CONVERTED_USER))
+    gw = gateway(_converting_rules(primary, shadow))
+
+    result = await run_load(gw.port, lambda i: get(f"/api/v1/users/{i}"), 10)
+    stats = stats_of(gw)
+    await wait_until(lambda: stats.compared == 10)
+
+    assert {orjson.loads(r.body) == CONVERTED_USER for r in result.replies} == {True}
+    assert stats.agreed == 10 and stats.agreement() == 1.0
+    assert stats.fields == {}
+
+
+@ensure
+async def test_a_field_the_shadow_gets_wrong_after_the_route_transform_is_named(
+    services, gateway
+):
+    primary = services(
+        lambda seen: (200, {"Content-Type": "application/xml"}, LEGACY_USER)
+    )
+    wrong = {"user": {**CONVERTED_USER["user"], "age": "41"}}
+    shadow = services(lambda seen: json_reply(wrong))
+    gw = gateway(_converting_rules(primary, shadow))
+
+    await run_load(gw.port, lambda i: get("/api/v1/users/7"), 5)
+    stats = stats_of(gw)
+    await wait_until(lambda: stats.compared == 5)
+
+    assert stats.agreed == 0
+    assert list(stats.fields) == [("body", "$.user.age")]
+    example = stats.fields[("body", "$.user.age")].example
+    assert (example["where"], example["primary"], example["shadow"]) == (
+        "$.user.age",
+        "41",
+        '"41"',
+    )
+    # The sample shows the primary's answer as the client got it: JSON.
+    sample = stats.samples[-1]["primary"]
+    assert orjson.loads(sample["body"]) == CONVERTED_USER
+    assert dict(map(tuple, sample["headers"]))["Content-Type"] == "application/json"

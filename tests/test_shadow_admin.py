@@ -30,6 +30,7 @@ from twisted.internet import reactor
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.web import resource, server
 
+from strangler.admin.client import format_status
 from strangler.shadow.admin import ShadowCollector, shadow_route, shadow_summary
 from strangler.shadow.cli import format_diffs
 from strangler.shadow.schema import OPENAPI_PATHS, OPENAPI_SCHEMAS
@@ -226,7 +227,7 @@ def test_the_report_of_a_route_with_nothing_compared_yet():
         "agreed": 0,
         "agreement": None,
         "mirrored": 0,
-        "errors": 0,
+        "errors": 2,
         "timeouts": 3,
         "skipped": 0,
         "dropped": 2,
@@ -235,7 +236,7 @@ def test_the_report_of_a_route_with_nothing_compared_yet():
         "ignored": 0,
         "fields": [],
         "noise": {"mode": "off"},
-        "error_reasons": {},
+        "error_reasons": {"connect": 2},
         "skipped_reasons": {"method": 4},
     }
 
@@ -246,5 +247,153 @@ def test_the_report_of_a_route_with_nothing_compared_yet():
         "agreement: no pairs compared yet",
     ]
     assert "No differing fields." in text
-    assert "shadow errors: timeout 3" in text
+    # The heading's error count and the reasons below it are the same errors;
+    # timeouts are counted apart in both places, never inside "errors".
+    assert "copied 0, shadow errors 2, timeouts 3," in text
+    (reasons,) = [line for line in text.splitlines() if "by reason" in line]
+    assert reasons == "shadow errors by reason: connect 2"
     assert "not copied: method 4" in text
+
+
+REDACT_KEY = "innocent-key-0123456789abcdef"
+
+
+def _redacting_rules(primary: Any, shadow: Any, redact: str) -> str:
+    return f"""
+listen: 127.0.0.1:0
+admin: {{listen: 127.0.0.1:0, token: {TOKEN}}}
+upstreams:
+  monolith: {{targets: [{primary.url}]}}
+  users: {{targets: [{shadow.url}]}}
+default: monolith
+consumers:
+  mobile: {{api_keys: [{REDACT_KEY}]}}
+auth:
+  default: api_key
+  api_key: {{header: X-Client, query: client}}
+routes:
+  - name: users-v1
+    match: {{path: /api/v1/users}}
+    to: monolith
+    shadow: {{to: users, redact: [{redact}]}}
+"""
+
+
+async def _sample(gw: Any, client: Any, count: int) -> dict[str, Any]:
+    stats = gw.server.gateway.shadows.routes["users-v1"]
+    await wait_until(lambda: stats.compared == count)
+    admin = f"http://127.0.0.1:{gw.server.admin_port.getHost().port}"
+    response = await client.get(
+        f"{admin}/shadow/users-v1", headers={"Authorization": [f"Bearer {TOKEN}"]}
+    )
+    assert response.code == 200
+    report = orjson.loads(await response.content())
+    _check(report, "ShadowRoute")
+    return report
+
+
+@ensure
+async def test_samples_redact_the_api_key_header_and_configured_names(
+    services, gateway, client
+):
+    primary = services(lambda seen: json_reply({"v": 1, "tenant": "acme"}))
+    shadow = services(lambda seen: json_reply({"v": 2, "tenant": "acme"}))
+    gw = gateway(_redacting_rules(primary, shadow, "X-Tenant"))
+    gw.server.start_admin()
+    headers = {
+        "X-Client": REDACT_KEY,
+        "X-Tenant": "tenant-secret",
+        "X-Region": "eu-1",
+        "X-Trace": "visible",
+    }
+
+    await run_load(gw.port, lambda i: get("/api/v1/users?q=1", headers), 1)
+    report = await _sample(gw, client, 1)
+
+    (sample,) = report["samples"]
+    seen = dict(map(tuple, sample["request"]["headers"]))
+    assert seen["X-Client"] == seen["X-Tenant"] == "[redacted]"
+    assert seen["X-Region"] == "eu-1" and seen["X-Trace"] == "visible"
+    assert REDACT_KEY not in repr(report) and "tenant-secret" not in repr(report)
+    assert report["settings"]["redact"] == ["x-tenant"]
+    # Only the report hides them: the shadow received what the client sent.
+    assert shadow.copies()[0]["headers"]["x-tenant"] == "tenant-secret"
+
+    # A reload changes what new samples hide; the API-key query parameter too.
+    gw.rules_path.write_text(_redacting_rules(primary, shadow, "X-Region"))
+    assert gw.server.reload().ok
+    await run_load(
+        gw.port, lambda i: get(f"/api/v1/users?client={REDACT_KEY}&q=1", headers), 1
+    )
+    report = await _sample(gw, client, 2)
+
+    newest = report["samples"][0]
+    seen = dict(map(tuple, newest["request"]["headers"]))
+    assert seen["X-Region"] == "[redacted]" and seen["X-Tenant"] == "tenant-secret"
+    assert seen["X-Client"] == "[redacted]"
+    assert newest["request"]["target"] == "/api/v1/users?client=[redacted]&q=1"
+    assert REDACT_KEY not in repr(report)
+
+
+async def _status(admin: str) -> tuple[int, str, str]:
+    env = {**os.environ, "STRANGLER_ADMIN_TOKEN": TOKEN}
+    out, err, code = await getProcessOutputAndValue(
+        sys.executable,
+        ["-m", "strangler.cli", "status", "--admin", admin],
+        env=env,
+        path=str(ROOT),
+    )
+    return code, out.decode(), err.decode()
+
+
+@ensure
+async def test_strangler_status_and_the_dashboard_show_shadow_agreement(
+    services, gateway, client
+):
+    answers = itertools.count()
+    primary = services(lambda seen: json_reply({"id": 1}))
+    # Three of four answers agree.
+    shadow = services(lambda seen: json_reply({"id": 1 if next(answers) % 4 else 2}))
+    text = rules(primary, shadow, "      percent: 100").replace(
+        "listen: 127.0.0.1:0\n",
+        f"listen: 127.0.0.1:0\nadmin: {{listen: 127.0.0.1:0, token: {TOKEN}}}\n",
+    )
+    gw = gateway(text)
+    gw.server.start_admin()
+    admin = f"http://127.0.0.1:{gw.server.admin_port.getHost().port}"
+
+    await run_load(gw.port, lambda i: get("/api/v1/users"), 8, workers=1)
+    stats = gw.server.gateway.shadows.routes["users-v1"]
+    await wait_until(lambda: stats.compared == 8)
+    code, out, err = await _status(admin)
+    page = await client.get(f"{admin}/dashboard")
+    html = (await page.content()).decode()
+
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[1].split()[5] == "SHADOW"
+    (route,) = [line for line in lines if line.startswith("users-v1 ")]
+    assert "users 75.0% of 8" in route
+    (default,) = [line for line in lines if line.startswith("default ")]
+    assert default.split()[5] == "-"
+    # The dashboard reads the same summary and prints the agreement from it.
+    assert 'getJson("shadow")' in html
+    assert '" agree ("' in html and "summary.agreement" in html
+
+
+def test_the_status_table_says_when_a_shadow_has_compared_nothing():
+    route = {
+        "name": "r",
+        "split": [{"upstream": "a", "weight": 100, "traffic": {"requests": 0}}],
+        "source": "rules",
+        "sticky": None,
+        "match": None,
+        "shadow": {"to": "new", "percent": 5},
+    }
+    reload = {"ok": True, "at": "t", "source": "rules.yaml", "errors": []}
+    summary = {"route": "r", "compared": 0, "agreement": None}
+
+    for shadows in (None, [summary]):
+        text = format_status([route], [], reload, shadows)
+        (row,) = [line for line in text.splitlines() if line.startswith("r ")]
+        assert "new (none compared)" in row

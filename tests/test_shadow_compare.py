@@ -163,6 +163,53 @@ def test_ignored_paths_are_counted_not_reported():
     assert outcome.ignored == 3
 
 
+def test_a_subtree_missing_on_one_side_with_only_ignored_fields_agrees():
+    ours = answer({"id": 1})
+    theirs = answer({"id": 1, "meta": {"generated_at": "t"}})
+    for first, second in ((ours, theirs), (theirs, ours)):
+        outcome = compare(first, second, spec("$.meta.generated_at"))
+        assert outcome.agreed and outcome.differences == []
+        assert outcome.ignored == 1
+
+
+def test_a_missing_subtree_is_reported_without_its_ignored_fields():
+    ours = answer({"id": 1})
+    theirs = answer({"id": 1, "meta": {"generated_at": "t-secret", "v": 2}})
+    outcome = compare(ours, theirs, spec("$.meta.generated_at"))
+    (difference,) = outcome.differences
+    assert (difference.where, difference.primary) == ("$.meta", "(missing)")
+    assert difference.shadow == '{"v":2}'
+    assert outcome.ignored == 1
+
+
+def test_a_missing_list_of_ignored_items_agrees_and_an_empty_one_does_not():
+    theirs = answer({"id": 1, "items": [{"ts": 1}, {"ts": 2}]})
+    outcome = compare(answer({"id": 1}), theirs, spec("$.items[*].ts"))
+    assert outcome.agreed and outcome.ignored == 2
+    outcome = compare(answer({"id": 1}), answer({"id": 1, "items": []}), spec("$.x"))
+    assert fields(outcome) == ["$.items"]
+
+
+def test_a_type_change_hides_the_ignored_fields_of_the_new_value():
+    ours = answer({"meta": None})
+    theirs = answer({"meta": {"generated_at": "t-secret"}})
+    outcome = compare(ours, theirs, spec("$.meta.generated_at"))
+    (difference,) = outcome.differences
+    assert (difference.where, difference.primary, difference.shadow) == (
+        "$.meta",
+        "null",
+        "{}",
+    )
+
+
+def test_learned_noise_inside_a_missing_subtree_is_left_out_as_noise():
+    noise = PathSet.of(["$.meta.at"], "noise")
+    outcome = compare(
+        answer({"id": 1}), answer({"id": 1, "meta": {"at": 3}}), spec(), noise
+    )
+    assert outcome.agreed and outcome.noise == ["$.meta.at"]
+
+
 def test_descendant_ignore_reaches_any_depth():
     ours = answer({"a": {"ts": 1, "b": [{"ts": 2}]}, "ts": 3})
     theirs = answer({"a": {"ts": 9, "b": [{"ts": 9}]}, "ts": 9})
@@ -310,6 +357,26 @@ def test_noise_is_not_learned_from_answers_with_different_statuses():
     learner = NoiseLearner()
     assert learner.learn(answer({"a": 1}), answer({"a": 2}, status=503), spec()) == []
     assert learner.fields == {} and learner.unusable == 1
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        (Answer(200, [(b"Content-Type", b"text/plain")], b"at 1"), b"at 2"),
+        (Answer(200, JSON, b'{"a": 1'), b'{"a": 2'),
+        (Answer(200, JSON, b"1"), b"2"),
+    ],
+)
+def test_the_whole_body_is_never_learned_as_noise(first, second):
+    learner = NoiseLearner()
+    repeat = Answer(200, first.headers, second)
+    assert learner.learn(first, repeat, spec()) == []
+    assert learner.fields == {} and not learner.paths
+    assert learner.whole_body == 1 and learner.report("auto")["whole_body"] == 1
+    outcome = compare(
+        answer({"email": "a"}), answer({"email": "b"}), spec(), learner.paths
+    )
+    assert fields(outcome) == ["$.email"]
 
 
 def test_learned_header_noise_is_left_out():

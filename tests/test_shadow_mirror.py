@@ -6,12 +6,16 @@ import random
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from twisted.internet.task import Clock
 
-from strangler.model import Compare, Shadow
+from strangler.errors import ConfigError
+from strangler.model import ApiKeyAuth, Auth, Compare, Shadow
 from strangler.proxy.exchange import LENGTH, NO_BODY
-from strangler.shadow.mirror import Mirror, compile_spec
+from strangler.rules import parse_rules
+from strangler.shadow.mirror import Mirror, compile_spec, secret_names
 from strangler.shadow.registry import ShadowRegistry
+from strangler.shadow.stats import Redactor
 
 
 def _mirror(**settings: Any) -> Mirror:
@@ -93,3 +97,48 @@ def test_an_unsupported_ignore_path_is_left_out_and_the_others_kept():
     assert spec.ignore.label_for(("a",)) == "ignore"
     assert spec.ignore.label_for(("x", "b")) == "ignore"
     assert len(spec.ignore.patterns) == 2
+
+
+_REDACT_RULES = """\
+upstreams:
+  monolith: {targets: [http://127.0.0.1:9001]}
+  users: {targets: [http://127.0.0.1:9101]}
+default: monolith
+routes:
+  - name: r
+    to: monolith
+    shadow:
+      to: users
+      redact: %s
+"""
+
+
+def test_redact_names_are_read_in_lower_case_and_bad_ones_named_by_line():
+    rules = parse_rules(_REDACT_RULES % "[X-Tenant, Api_Sig]", "rules.yaml", {})
+    shadow = rules.routes[0].shadow
+    assert shadow is not None and shadow.redact == ("x-tenant", "api_sig")
+
+    with pytest.raises(ConfigError) as caught:
+        parse_rules(_REDACT_RULES % "[X-Tenant, 'bad name']", "rules.yaml", {})
+    assert [str(p) for p in caught.value.problems] == [
+        "rules.yaml:10: routes[0].shadow.redact[1]: expected an HTTP header name "
+        "(no spaces or separators), got 'bad name'"
+    ]
+    with pytest.raises(ConfigError) as caught:
+        parse_rules(_REDACT_RULES % "X-Tenant", "rules.yaml", {})
+    assert [str(p) for p in caught.value.problems] == [
+        "rules.yaml:10: routes[0].shadow.redact: expected a list, got 'X-Tenant'"
+    ]
+
+
+def test_secret_names_add_where_api_keys_are_read():
+    shadow = Shadow(to="users", redact=("x-tenant",))
+    plain = SimpleNamespace(auth=None)
+    keyed = SimpleNamespace(
+        auth=Auth(api_key=ApiKeyAuth(header="x-client", query="client"))
+    )
+    assert secret_names(shadow, plain) == {"x-tenant"}  # type: ignore[arg-type]
+    assert secret_names(shadow, keyed) == {"x-tenant", "x-client", "client"}  # type: ignore[arg-type]
+    redactor = Redactor().extended(secret_names(shadow, keyed))  # type: ignore[arg-type]
+    assert redactor.secret("X-Client") and redactor.secret("X-TENANT")
+    assert not redactor.secret("X-Region")

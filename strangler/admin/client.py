@@ -198,9 +198,17 @@ def format_status(
     routes: list[dict[str, Any]],
     upstreams: list[dict[str, Any]],
     reload: dict[str, Any],
+    shadows: list[dict[str, Any]] | None = None,
 ) -> str:
-    """The `strangler status` tables: routes, upstream targets, last reload."""
-    route_rows = [("ROUTE", "WEIGHTS", "SOURCE", "STICKY", "REQUESTS", "MATCH")]
+    """The `strangler status` tables: routes, upstream targets, last reload.
+
+    `shadows` is `GET /shadow`'s list; each shadowed route's agreement is
+    shown beside it.
+    """
+    agreement = {s["route"]: s for s in shadows or ()}
+    route_rows = [
+        ("ROUTE", "WEIGHTS", "SOURCE", "STICKY", "REQUESTS", "SHADOW", "MATCH")
+    ]
     for route in routes:
         split = route["split"]
         sticky = route["sticky"]
@@ -212,6 +220,7 @@ def format_status(
                 _origin_text(route),
                 f"{sticky['by']} {sticky['name']}".strip() if sticky else "-",
                 str(sum(e["traffic"]["requests"] for e in split)),
+                _shadow_text(route, agreement.get(route["name"])),
                 match["summary"] if match else "(requests no route matches)",
             )
         )
@@ -252,6 +261,16 @@ def format_status(
             *(_clean(line) for line in reload_lines),
         ]
     )
+
+
+def _shadow_text(route: dict[str, Any], summary: dict[str, Any] | None) -> str:
+    """`users 98.4% of 384`: the shadow's upstream and how often it agreed."""
+    shadow = route.get("shadow")
+    if not shadow:
+        return "-"
+    if summary is None or not summary["compared"]:
+        return f"{shadow['to']} (none compared)"
+    return f"{shadow['to']} {summary['agreement'] * 100:.1f}% of {summary['compared']}"
 
 
 def _table(rows: Sequence[Sequence[str]]) -> list[str]:
@@ -302,14 +321,20 @@ async def run_status(reactor: Any, args: argparse.Namespace) -> int:
         routes = (await client.get("/routes"))["routes"]
         upstreams = (await client.get("/upstreams"))["upstreams"]
         reload = await client.get("/reload")
+        shadows = (await client.get("/shadow"))["routes"]
     except AdminCallError as exc:
         print(f"strangler status: {exc}", file=sys.stderr)
         return 1
     if args.json:
-        report = {"routes": routes, "upstreams": upstreams, "reload": reload}
+        report = {
+            "routes": routes,
+            "upstreams": upstreams,
+            "reload": reload,
+            "shadow": shadows,
+        }
         print(json.dumps(report, indent=2))
     else:
-        print(format_status(routes, upstreams, reload))
+        print(format_status(routes, upstreams, reload, shadows))
     return 0
 
 

@@ -1,10 +1,10 @@
 """The dashboard: one self-contained HTML page over the admin API.
 
 The page itself holds no data and needs no token, so a browser can open it;
-its script then calls `routes`, `upstreams` and `reload` with the bearer
-token, which it takes from a `#token=...` fragment (fragments never reach a
-server or a log) or from a password field, keeps in `sessionStorage` for the
-tab's lifetime, and removes from the address bar at once. Everything is
+its script then calls `routes`, `upstreams`, `reload` and `shadow` with the
+bearer token, which it takes from a `#token=...` fragment (fragments never
+reach a server or a log) or from a password field, keeps in `sessionStorage`
+for the tab's lifetime, and removes from the address bar at once. Everything is
 drawn with `textContent`, never as HTML, and a Content-Security-Policy that
 pins the inline script and style by hash forbids anything else to run.
 """
@@ -101,13 +101,19 @@ _SCRIPT = """
     }).join("; ");
   }
 
-  function shadowText(route) {
+  function shadowText(route, summary) {
     if (!route.shadow) return "no shadow";
-    return "shadow to " + route.shadow.to + " (" + percent(route.shadow.percent) +
-      "): comparison results are not shown here yet";
+    const head = "shadow to " + route.shadow.to + " (" +
+      percent(route.shadow.percent) + "): ";
+    if (!summary || !summary.compared) return head + "no pairs compared yet";
+    let text = head + percent(100 * summary.agreement) + " agree (" +
+      summary.agreed + " of " + summary.compared + ")";
+    if (summary.top_field) text += "; most differing: " + summary.top_field;
+    return text;
   }
 
-  function renderRoutes(routes) {
+  function renderRoutes(routes, shadows) {
+    const agreement = new Map(shadows.map((s) => [s.route, s]));
     const legacy = legacyUpstream(routes);
     const body = byId("routes-body");
     body.replaceChildren();
@@ -151,7 +157,8 @@ _SCRIPT = """
         );
         if (index === 0) {
           const compared = el("td", compareLatency(route, legacy));
-          const shadow = el("td", shadowText(route), route.shadow ? "" : "muted");
+          const shadow = el("td", shadowText(route, agreement.get(route.name)),
+            route.shadow ? "" : "muted");
           compared.rowSpan = span;
           shadow.rowSpan = span;
           row.append(compared, shadow);
@@ -214,9 +221,10 @@ _SCRIPT = """
   async function refresh() {
     timer = null;
     try {
-      const [routes, upstreams, reload] = await Promise.all(
-        [getJson("routes"), getJson("upstreams"), getJson("reload")]);
-      renderRoutes(routes.routes);
+      const [routes, upstreams, reload, shadows] = await Promise.all(
+        [getJson("routes"), getJson("upstreams"), getJson("reload"),
+          getJson("shadow")]);
+      renderRoutes(routes.routes, shadows.routes);
       renderUpstreams(upstreams.upstreams);
       renderReload(reload);
       byId("login").hidden = true;

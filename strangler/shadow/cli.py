@@ -139,6 +139,12 @@ def format_diffs(report: dict[str, Any], top: int = DEFAULT_TOP) -> str:
             f"{noise['sample_size']} repeated requests compared, "
             f"{noise['unusable']} unusable)"
         )
+        if noise.get("whole_body"):
+            lines.append(
+                f"{noise['whole_body']} repeated pairs differed as whole bodies "
+                "(not JSON or XML, over 1 MiB, or not parsing): not comparable "
+                "field by field, so nothing was learned from them"
+            )
         if noise["fields"]:
             lines += _table(
                 [("FIELD", "KIND", "SEEN", "LEFT OUT")]
@@ -151,9 +157,9 @@ def format_diffs(report: dict[str, Any], top: int = DEFAULT_TOP) -> str:
             lines.append("none learned so far")
 
     lost = []
-    if report["error_reasons"] or report["timeouts"]:
-        reasons = {"timeout": report["timeouts"], **report["error_reasons"]}
-        lost.append("shadow errors: " + _counts(reasons))
+    if report["error_reasons"]:
+        # The same errors the heading counts; timeouts are counted there apart.
+        lost.append("shadow errors by reason: " + _counts(report["error_reasons"]))
     if report["skipped_reasons"]:
         lost.append("not copied: " + _counts(report["skipped_reasons"]))
     if lost:

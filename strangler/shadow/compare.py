@@ -53,6 +53,7 @@ MAX_NESTING = 128
 _VALUE_WIDTH = 120
 _MISSING = object()
 _NUMBER = (int, float)
+_CONTAINER = (dict, list)
 
 
 class Answer:
@@ -336,6 +337,19 @@ def diff_structures(
                     )
                 )
         elif not _scalar_equal(ours, theirs):
+            if state and (
+                isinstance(ours, _CONTAINER) or isinstance(theirs, _CONTAINER)
+            ):
+                # A subtree present on one side only, or one whose type changed:
+                # what `paths` covers inside it is left out before it is shown,
+                # and a subtree missing on the other side that holds nothing but
+                # covered fields is no difference at all.
+                ours, ours_covered = _pruned(ours, path, state, paths, outcome)
+                theirs, theirs_covered = _pruned(theirs, path, state, paths, outcome)
+                if (ours_covered and theirs is _MISSING) or (
+                    theirs_covered and ours is _MISSING
+                ):
+                    continue
             if len(differences) >= MAX_DIFFERENCES:
                 outcome.more += 1
                 continue
@@ -348,6 +362,40 @@ def diff_structures(
                     short_value(theirs),
                 )
             )
+
+
+def _pruned(
+    value: object,
+    path: tuple[Segment, ...],
+    state: State,
+    paths: PathSet,
+    outcome: Outcome,
+) -> tuple[object, bool]:
+    """`value` without the fields `paths` covers, each counted as left out.
+
+    The flag says that `value` is a non-empty container holding nothing but
+    covered fields, so nothing of it is left to compare.
+    """
+    if not state or not isinstance(value, _CONTAINER) or not value:
+        return value, False
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    kept: list[tuple[Segment, object]] = []
+    for key, child in items:
+        child_path = (*path, key)
+        child_state = paths.step(state, key)
+        label = paths.covered(child_state) if child_state else None
+        if label == "ignore":
+            outcome.ignored += 1
+            continue
+        if label is not None:
+            outcome.noise.append(generalize(child_path))
+            continue
+        pruned, covered = _pruned(child, child_path, child_state, paths, outcome)
+        if not covered:
+            kept.append((key, pruned))
+    if isinstance(value, dict):
+        return dict(kept), not kept
+    return [child for _, child in kept], not kept
 
 
 def _scalar_equal(ours: object, theirs: object) -> bool:

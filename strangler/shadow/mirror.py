@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from strangler.model import Route, Shadow
+from strangler.model import Route, Rules, Shadow
 from strangler.proxy.exchange import _LAST_CHUNK, LENGTH, NO_BODY
 from strangler.proxy.upstream import TargetPool
 from strangler.shadow.compare import (
@@ -38,7 +38,7 @@ from strangler.shadow.convert import convert_answer, convert_request
 from strangler.shadow.fetch import Fetch
 from strangler.shadow.jsonpath import JsonPathError, PathSet, parse_path
 from strangler.shadow.noise import SAFE_TO_REPEAT
-from strangler.shadow.stats import SampleRequest
+from strangler.shadow.stats import Redactor, SampleRequest
 from strangler.transforms import TransformError
 
 if TYPE_CHECKING:
@@ -46,7 +46,14 @@ if TYPE_CHECKING:
     from strangler.proxy.exchange import Exchange
     from strangler.shadow.registry import ShadowRegistry
 
-__all__ = ["SHADOW_HEADER", "Mirror", "ShadowCall", "build_mirror", "compile_spec"]
+__all__ = [
+    "SHADOW_HEADER",
+    "Mirror",
+    "ShadowCall",
+    "build_mirror",
+    "compile_spec",
+    "secret_names",
+]
 
 log = structlog.get_logger("strangler.shadow")
 
@@ -61,9 +68,10 @@ _NOT_COPIED_TYPED = _NOT_COPIED | {b"content-type"}
 def compile_spec(shadow: Shadow, route: str = "") -> CompareSpec:
     """The route's compare settings, with its ignore paths parsed.
 
-    `strangler check` only knows that an ignore path starts with `$`; one
-    that uses a selector outside the supported subset is logged here and
-    left out, so the rest of the route's shadow keeps working.
+    `strangler check` already refuses an ignore path this parser cannot
+    read, so rules loaded from a file never fail here. A `Shadow` built in
+    code can still carry one: it is logged and left out, so the rest of the
+    route's shadow keeps working.
     """
     patterns = []
     for text in shadow.compare.ignore:
@@ -90,7 +98,24 @@ def build_mirror(
         registry,
         state.rng,
         registry.reactor,
+        registry.redactor.extended(secret_names(shadow, state.rules)),
     )
+
+
+def secret_names(shadow: Shadow, rules: Rules) -> frozenset[str]:
+    """Names a route's samples redact besides the built-in ones.
+
+    The shadow's own `redact` list, and wherever the rule file says API keys
+    are read (`auth.api_key.header` and `.query`): a key there is a
+    credential whatever its name looks like.
+    """
+    names = set(shadow.redact)
+    api_key = rules.auth.api_key if rules.auth is not None else None
+    if api_key is not None:
+        names.add(api_key.header)
+        if api_key.query is not None:
+            names.add(api_key.query)
+    return frozenset(names)
 
 
 class Mirror:
@@ -104,6 +129,7 @@ class Mirror:
         "noise_auto",
         "percent",
         "reactor",
+        "redactor",
         "registry",
         "rng",
         "shadow",
@@ -122,6 +148,7 @@ class Mirror:
         registry: ShadowRegistry,
         rng: Any,
         reactor: Any,
+        redactor: Redactor | None = None,
     ) -> None:
         self.shadow = shadow
         self.spec = spec
@@ -135,6 +162,7 @@ class Mirror:
         self.registry = registry
         self.rng = rng
         self.reactor = reactor
+        self.redactor = redactor if redactor is not None else registry.redactor
         self.stats = registry.stats_for(route)
         self.stats.config = shadow
         self._turn = 0
@@ -472,12 +500,10 @@ class ShadowCall:
             )
         else:
             outcome = compare(primary, shadow, mirror.spec)
-        stats.record(
-            outcome, self._sample_request, primary, shadow, mirror.registry.redactor
-        )
+        stats.record(outcome, self._sample_request, primary, shadow, mirror.redactor)
 
     def _sample_request(self) -> SampleRequest:
-        redactor = self.mirror.registry.redactor
+        redactor = self.mirror.redactor
         assert self.request is not None
         method, path, query, request_id = self.request
         return SampleRequest(

@@ -8,6 +8,12 @@ body) are also sent a second time to the primary upstream. Every field on
 which the two primary answers disagree is learned as noise: from then on a
 shadow difference there is counted as noise, not as a disagreement. The
 learned fields are part of every report, so nothing is hidden.
+
+The whole body (`$`) is never learned. Two primary answers that differ as
+a whole (text with a timestamp in it, a body over the capture limit, one
+that does not parse) say nothing about which field is noise, and learning
+`$` would turn every later body difference on the route into noise. Such
+pairs are counted as `whole_body` instead, and shown in the report.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ class NoiseLearner:
         self.probes = 0
         self.learned_from = 0
         self.unusable = 0
+        self.whole_body = 0
         self.fields: dict[str, int] = {}
         self.headers: dict[str, int] = {}
         self.suppressed: dict[str, int] = {}
@@ -55,7 +62,9 @@ class NoiseLearner:
         """Compare two primary answers to one request; returns newly learned fields.
 
         Answers with different statuses teach nothing (the primary itself
-        was flaky, not its fields) and only count as unusable.
+        was flaky, not its fields) and only count as unusable; bodies that
+        differ as a whole teach nothing about the body and count as
+        `whole_body`.
         """
         if first.status != second.status:
             self.unusable += 1
@@ -64,6 +73,10 @@ class NoiseLearner:
         outcome = compare(first, second, spec)
         new: list[str] = []
         for difference in outcome.differences:
+            if difference.kind == "body" and difference.field == "$":
+                # Not comparable field by field: nothing to learn from the body.
+                self.whole_body += 1
+                continue
             table = self.headers if difference.kind == "header" else self.fields
             if difference.field not in table:
                 new.append(difference.field)
@@ -98,5 +111,6 @@ class NoiseLearner:
             "probes": self.probes,
             "learned_from": self.learned_from,
             "unusable": self.unusable,
+            "whole_body": self.whole_body,
             "fields": fields,
         }

@@ -96,6 +96,7 @@ OPENAPI_SCHEMAS: dict[str, Any] = {
                     "noise": {"enum": ["auto", "off"]},
                 }
             ),
+            "redact": {"type": "array", "items": _TEXT},
         }
     ),
     "ShadowField": _closed(
@@ -124,6 +125,7 @@ OPENAPI_SCHEMAS: dict[str, Any] = {
             "probes": _COUNT,
             "learned_from": _COUNT,
             "unusable": _COUNT,
+            "whole_body": _COUNT,
             "fields": {
                 "type": "array",
                 "items": _closed(

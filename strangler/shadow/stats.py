@@ -10,7 +10,8 @@ Samples keep both sides of a pair for a person to read. Bodies are cut to
 `SAMPLE_BODY` bytes, and credentials are replaced by `[redacted]` before a
 sample is stored: `Authorization`, `Proxy-Authorization`, `Cookie`,
 `Set-Cookie`, any header whose name says it carries a key, token, secret,
-password or session, names the registry is configured with, and query
+password or session, names the registry is configured with, the route's
+`shadow.redact` names and where `auth.api_key` reads keys, and query
 parameters whose names say the same.
 """
 
@@ -60,6 +61,12 @@ class Redactor:
 
     def __init__(self, extra: frozenset[str] = frozenset()) -> None:
         self.names = ALWAYS_SECRET | {name.lower() for name in extra}
+
+    def extended(self, extra: frozenset[str]) -> Redactor:
+        """This redactor with more names; itself when there are none to add."""
+        if not extra:
+            return self
+        return Redactor(self.names | extra)
 
     def secret(self, name: str) -> bool:
         lname = name.lower()
@@ -227,6 +234,7 @@ class RouteStats:
                 "headers": list(config.compare.headers),
                 "noise": config.compare.noise,
             },
+            "redact": list(config.redact),
         }
 
     def summary(self, active: bool) -> dict[str, Any]:
