@@ -149,6 +149,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 1
     if not args.no_watch:
         server.watch()
+    server.follow_state()
     server.install_signal_handlers()
     reactor.run(installSignalHandlers=False)  # type: ignore[attr-defined]
     return 0

@@ -22,7 +22,9 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from strangler.admin.api import ENDPOINTS, MAX_BODY, build_admin_site
 from strangler.errors import ConfigError
+from strangler.model import Address
 from strangler.rules import load_rules
+from strangler.runtime_weights import RuntimeWeights, WeightOverride
 from strangler.server import GatewayServer
 
 ensure = pytest_twisted.ensureDeferred
@@ -192,21 +194,36 @@ async def test_token_is_read_from_the_rules_at_request_time(backends, gateway, c
     assert (await admin.call("GET", "/routes", token="new"))[0] == 200
 
 
-@ensure
-async def test_non_loopback_admin_without_token_is_refused_before_binding(tmp_path):
-    rules = load_rules(
-        write_rules(
-            tmp_path,
-            rules_text(UNUSED, UNUSED, admin="admin: {listen: 0.0.0.0:0}"),
-        )
+def test_non_loopback_admin_without_token_is_refused_by_the_rules(tmp_path):
+    path = write_rules(
+        tmp_path, rules_text(UNUSED, UNUSED, admin="admin: {listen: 0.0.0.0:0}")
     )
-    server = GatewayServer(rules, reactor, load_rules)
+
+    with pytest.raises(ConfigError) as refused:
+        load_rules(path)
+
+    (problem,) = refused.value.problems
+    assert (problem.line, problem.key) == (3, "admin.token")
+    assert "non-loopback 0.0.0.0:0 needs a token" in problem.message
+
+
+@ensure
+async def test_non_loopback_admin_override_without_token_is_refused_before_binding(
+    tmp_path,
+):
+    text = rules_text(UNUSED, UNUSED, admin="admin:\n  listen: 127.0.0.1:0\n")
+    rules = load_rules(write_rules(tmp_path, text))
+    server = GatewayServer(
+        rules, reactor, load_rules, admin_override=Address("0.0.0.0", 0)
+    )
     try:
-        with pytest.raises(ConfigError, match="needs a token"):
+        with pytest.raises(ConfigError, match="needs a token") as refused:
             server.start_admin()
         assert server.admin_port is None
     finally:
         await server.stop(drain_timeout=0)
+    (problem,) = refused.value.problems
+    assert str(problem).startswith(f"{rules.source}:4: admin.token: ")
 
 
 @ensure
@@ -401,6 +418,28 @@ async def test_runtime_weights_survive_a_restart(backends, gateway, client):
     assert weights_of(route) == {"monolith": 75, "users": 25}
     assert (route["source"], route["by"]) == ("runtime", "admin")
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", route["set_at"])
+
+
+@ensure
+async def test_reload_reads_runtime_weights_another_process_saved(
+    backends, gateway, client
+):
+    """What SIGHUP does in a worker: the state file is read again with the rules."""
+    _, _, gw, admin = start(backends, gateway, client)
+    elsewhere = RuntimeWeights(gw.server.state_path)
+    base = {"monolith": 50.0, "users": 50.0}
+    shifted = {"monolith": 10.0, "users": 90.0}
+    elsewhere.set("users-v1", WeightOverride(shifted, base, 1.0, "plan"))
+
+    _, result = await admin.json("POST", "/reload")
+    _, route = await admin.json("GET", "/routes/users-v1")
+
+    assert result["ok"] is True
+    assert (weights_of(route), route["source"], route["by"]) == (
+        shifted,
+        "runtime",
+        "plan",
+    )
 
 
 @ensure

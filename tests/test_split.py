@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import pytest_twisted
 from load import get, run_load
+from structlog.testing import capture_logs
 from support import header_values, raw_exchange, sleep
+
+from strangler.model import Rules
+from strangler.rules import load_rules
 
 ensure = pytest_twisted.ensureDeferred
 
@@ -194,6 +201,52 @@ async def test_invalid_rule_file_is_refused_and_old_rules_keep_serving(
     assert any(str(gw.rules_path) in error for error in gw.server.last_reload.errors)
     assert result.failures == []
     assert {r.headers[UPSTREAM] for r in result.replies} == {b"monolith"}
+
+
+def _loader_with_a_build_bug(path: Path) -> Rules:
+    """`load_rules`, except that a file marked `# broken` validates but cannot be
+    built: its `users` upstream becomes an ip_hash ring too big to construct,
+    standing in for any fault between validation and the new state.
+    """
+    rules = load_rules(path)
+    if "# broken" not in path.read_text():
+        return rules
+    users = rules.upstreams["users"]
+    heavy = dataclasses.replace(users.targets[0], weight=5000)
+    broken = dataclasses.replace(users, balance="ip_hash", targets=(heavy,))
+    return dataclasses.replace(rules, upstreams={**rules.upstreams, "users": broken})
+
+
+@ensure
+async def test_reload_that_cannot_be_built_is_refused_and_watching_goes_on(
+    backends, gateway
+):
+    mono, users = backends("monolith"), backends("users")
+    gw = gateway(split_rules(mono.url, users.url, 0))
+    gw.server.loader = _loader_with_a_build_bug
+    gw.server.watch(interval=0.1)
+
+    with capture_logs() as logs:
+        gw.rules_path.write_text(split_rules(mono.url, users.url, 100) + "# broken\n")
+        await _wait_for(lambda: not gw.server.last_reload.ok)
+        refused = gw.server.last_reload
+        during = await run_load(gw.port, lambda i: get("/api/v1/users"), 20)
+
+        gw.rules_path.write_text(split_rules(mono.url, users.url, 100))
+        await _wait_for(lambda: gw.server.last_reload.ok)
+        after = await run_load(gw.port, lambda i: get("/api/v1/users"), 20)
+
+    assert not refused.ok
+    (error,) = refused.errors
+    assert error.startswith(f"{gw.rules_path}: cannot put the rules in force: ")
+    assert "ip_hash weights of upstream 'users'" in error
+    assert [e["errors"] for e in logs if e["event"] == "reload_refused"] == [
+        refused.errors
+    ]
+    assert {r.headers[UPSTREAM] for r in during.replies} == {b"monolith"}
+    assert gw.server.last_reload.ok
+    assert {r.headers[UPSTREAM] for r in after.replies} == {b"users"}
+    assert gw.server.gateway.metrics.reloads == {"ok": 1, "error": 1}
 
 
 @ensure
