@@ -181,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--no-watch",
         action="store_true",
-        help="reload only on SIGHUP, not when the rule file changes",
+        help="do not watch the rule file: reload it only on SIGHUP or POST "
+        "/reload (runtime weights in the state file are still followed)",
     )
     serve.add_argument("--worker-fd", type=int, help=argparse.SUPPRESS)
     serve.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
