@@ -165,7 +165,7 @@ class RuntimeWeights:
                     by=str(raw.get("by", "admin")),
                 )
             except (KeyError, TypeError, ValueError, AttributeError):
-                problem: str | None = "expected weights, base and set_at"
+                problem: str | None = "expected an object with weights, base and set_at"
             else:
                 problem = override_problem(override)
             if problem is not None:
