@@ -160,6 +160,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 1
     if not args.no_watch:
         server.watch()
+    server.follow_state()
     server.install_signal_handlers()
     reactor.run(installSignalHandlers=False)  # type: ignore[attr-defined]
     return 0
@@ -207,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--no-watch",
         action="store_true",
-        help="reload only on SIGHUP, not when the rule file changes",
+        help="do not watch the rule file: reload it only on SIGHUP or POST "
+        "/reload (runtime weights in the state file are still followed)",
     )
     serve.add_argument(
         "--state",

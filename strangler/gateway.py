@@ -164,8 +164,20 @@ class GatewayState:
         self.rng = rng or random.Random()
         self.runtime = runtime if runtime is not None else RuntimeWeights()
         self.shadows = shadows if shadows is not None else ShadowRegistry(reactor)
+        # Runtime overrides the rule file has since changed; dropped by
+        # `Gateway` once this state is in use, not while it is being built.
+        self.stale_overrides: list[str] = []
         self.router = Router(rules.routes)
-        self.upstreams = self._bind_upstreams(rules, reactor, previous)
+        self.upstreams: dict[str, UpstreamRuntime] = {}
+        try:
+            self._bind_upstreams(rules, reactor, previous)
+            self._build(rules, reactor, previous)
+        except BaseException:
+            # Health checks of the upstreams built so far would poll forever.
+            self._discard_new_parts(previous)
+            raise
+
+    def _build(self, rules: Rules, reactor: Any, previous: GatewayState | None) -> None:
         from strangler.security.gate import build_gate
 
         self.gate: RequestGate | None = build_gate(
@@ -182,6 +194,16 @@ class GatewayState:
             override_header=None,
         )
 
+    def _discard_new_parts(self, previous: GatewayState | None) -> None:
+        """Close what a build that failed opened, leaving `previous` whole."""
+        kept = previous.upstreams if previous is not None else {}
+        for name, runtime in self.upstreams.items():
+            if kept.get(name) is not runtime:
+                runtime.close()
+        gate = getattr(self, "gate", None)
+        if gate is not None:
+            gate.close(keep=previous.gate if previous is not None else None)
+
     def plan_for(self, route: Route | None) -> RoutePlan:
         return self.default_plan if route is None else self.plans[route.name]
 
@@ -195,15 +217,14 @@ class GatewayState:
 
     def _bind_upstreams(
         self, rules: Rules, reactor: Any, previous: GatewayState | None
-    ) -> dict[str, UpstreamRuntime]:
-        bound = {}
+    ) -> None:
+        bound = self.upstreams
         for name, model in rules.upstreams.items():
             old = previous.upstreams.get(name) if previous is not None else None
             if old is not None and old.model == model:
                 bound[name] = old
             else:
                 bound[name] = UpstreamRuntime(model, reactor, self.rng)
-        return bound
 
     def _branch(self, entry: SplitEntry) -> Branch:
         upstream = self.upstreams[entry.to]
@@ -239,7 +260,7 @@ class GatewayState:
                 source = "runtime"
             elif override is not None:
                 # The rule file changed this split since the runtime change: it wins.
-                self.runtime.clear(route.name)
+                self.stale_overrides.append(route.name)
         return RoutePlan(
             name=route.name,
             route=route,
@@ -337,6 +358,7 @@ class Gateway:
         self.state = GatewayState(
             rules, reactor, rng=self.rng, runtime=self.runtime, shadows=self.shadows
         )
+        self._drop_stale_overrides(self.state)
         self.access_log = access_log
         self.metrics = Metrics()
         self.metrics.sources.append(
@@ -361,11 +383,16 @@ class Gateway:
             shadows=self.shadows,
         )
         self.state = new
+        self._drop_stale_overrides(new)
         for runtime in old.retired_upstreams(new):
             runtime.close()
         if old.gate is not None:
             old.gate.close(keep=new.gate)
         return new
+
+    def _drop_stale_overrides(self, state: GatewayState) -> None:
+        for name in state.stale_overrides:
+            self.runtime.clear(name)
 
     def set_weights(
         self, route_name: str, requested: dict[str, object], by: str = "admin"

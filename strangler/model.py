@@ -40,6 +40,14 @@ class Address:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
 
+    @property
+    def is_loopback(self) -> bool:
+        """Only this machine can reach it: 127.0.0.0/8, ::1 or `localhost`."""
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return self.host == "localhost"
+
 
 @dataclass(frozen=True, slots=True)
 class Target:
@@ -292,6 +300,8 @@ class Admin:
 
     listen: Address
     token: str | None = None
+    # Where the rule file sets the listener, for problems found after loading.
+    line: int = field(default=1, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, get_args
 from urllib.parse import urlsplit
 
+from strangler.balancing import RING_MAX_WEIGHT
 from strangler.errors import ConfigError, RuleProblem
 from strangler.model import (
     AccessLog,
@@ -151,12 +152,16 @@ class _Checker:
         self.failures = 0
         self.upstreams: tuple[str, ...] = ()
 
-    def report(self, path: KeyPath, message: str) -> None:
-        """Record a problem, unless the YAML reader already reported this key."""
+    def report(self, path: KeyPath, message: str, line: int | None = None) -> None:
+        """Record a problem, unless the YAML reader already reported this key.
+
+        `line` points elsewhere than `path` when the key at fault is missing.
+        """
         self.failures += 1
         if path in self.document.bad_paths:
             return
-        line = self.document.line_of(path)
+        if line is None:
+            line = self.document.line_of(path)
         self.problems.append(
             RuleProblem(self.document.source, line, format_key(path), message)
         )
@@ -598,9 +603,25 @@ def _upstreams(
         where = (*path, name)
         valid_name = _name(checker, name, where)
         values = checker.fields(raw, where, _UPSTREAM, required=("targets",))
+        if values is not None and not _ring_fits(checker, values, where):
+            values = None
         if valid_name is not None and values is not None:
             upstreams[name] = Upstream(name=name, **values)
     return upstreams if len(upstreams) == len(value) else None
+
+
+def _ring_fits(checker: _Checker, values: dict[str, Any], path: KeyPath) -> bool:
+    """An `ip_hash` ring costs points per unit of weight, so the sum is bounded."""
+    if values.get("balance") != "ip_hash":
+        return True
+    total = sum(target.weight for target in values["targets"])
+    if total <= RING_MAX_WEIGHT:
+        return True
+    checker.report(
+        (*path, "targets"),
+        f"ip_hash target weights must sum to at most {RING_MAX_WEIGHT}, got {total}",
+    )
+    return False
 
 
 # Rewrites, transforms and the parts of a route.
@@ -1528,8 +1549,20 @@ def _admin(checker: _Checker, value: Any, path: KeyPath) -> Admin | None:
     values = checker.fields(value, path, {"listen": _address, "token": _text})
     if values is None:
         return None
-    return Admin(
-        listen=values.get("listen", DEFAULT_ADMIN_LISTEN), token=values.get("token")
+    listen = values.get("listen", DEFAULT_ADMIN_LISTEN)
+    line = checker.document.line_of((*path, "listen"))
+    token = values.get("token")
+    if token is None and not listen.is_loopback:
+        checker.report((*path, "token"), admin_token_required(listen), line=line)
+        return None
+    return Admin(listen=listen, token=token, line=line)
+
+
+def admin_token_required(listen: Address) -> str:
+    """Why an admin API reachable from other machines is refused without a token."""
+    return (
+        f"the admin API on non-loopback {listen} needs a token "
+        "(token: ${STRANGLER_ADMIN_TOKEN}), or listen on 127.0.0.1"
     )
 
 

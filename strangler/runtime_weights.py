@@ -54,7 +54,7 @@ def resolve_weights(
             )
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise WeightError(f"weight for {name!r} must be a number, got {value!r}")
-        if not 0 <= value <= 100 or round(value * 100) != round(value * 100, 6):
+        if not _is_step(value):
             raise WeightError(
                 f"weight for {name!r} must be 0..100 in steps of 0.01, got {value!r}"
             )
@@ -73,6 +73,32 @@ def resolve_weights(
     if total != 100:
         raise WeightError(f"weights must sum to 100, got {total:g}")
     return {name: weights[name] for name in split}
+
+
+def _is_step(value: float) -> bool:
+    """A percentage from 0 to 100 in steps of 0.01."""
+    return 0 <= value <= 100 and round(value * 100) == round(value * 100, 6)
+
+
+def override_problem(override: WeightOverride) -> str | None:
+    """Why a saved override cannot be used as it stands, or None when it can.
+
+    Its weights must name the upstreams of the split it was made against
+    (`base`), each in steps of 0.01, together summing to 100: what
+    `resolve_weights` would have produced.
+    """
+    if set(override.weights) != set(override.base):
+        return (
+            f"its weights name {sorted(override.weights)} but the split it was "
+            f"made against has {sorted(override.base)}"
+        )
+    for name, value in override.weights.items():
+        if not _is_step(value):
+            return f"weight for {name!r} must be 0..100 in steps of 0.01, got {value}"
+    total = round(sum(override.weights.values()), 2)
+    if total != 100:
+        return f"weights must sum to 100, got {total:g}"
+    return None
 
 
 class RuntimeWeights:
@@ -109,6 +135,12 @@ class RuntimeWeights:
             log.warning("state_file_not_saved", path=str(self.path), error=exc.strerror)
 
     def _load(self, path: Path) -> None:
+        """Read the saved overrides; anything unusable is logged and left out.
+
+        The file is written by the gateway, but a person or a bad copy can
+        break it: start-up must not fail on it, and an entry that could not
+        have come from `resolve_weights` is never put in front of traffic.
+        """
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
@@ -116,16 +148,36 @@ class RuntimeWeights:
         except (OSError, ValueError) as exc:
             log.warning("state_file_ignored", path=str(path), error=str(exc))
             return
-        for name, raw in (data.get("weights") or {}).items():
+        entries = (data.get("weights") or {}) if isinstance(data, dict) else None
+        if not isinstance(entries, dict):
+            log.warning(
+                "state_file_ignored",
+                path=str(path),
+                error="expected an object with a 'weights' object",
+            )
+            return
+        for name, raw in entries.items():
             try:
-                self.overrides[name] = WeightOverride(
+                override = WeightOverride(
                     weights={k: float(v) for k, v in raw["weights"].items()},
                     base={k: float(v) for k, v in raw["base"].items()},
                     set_at=float(raw["set_at"]),
                     by=str(raw.get("by", "admin")),
                 )
             except (KeyError, TypeError, ValueError, AttributeError):
-                log.warning("state_file_entry_ignored", path=str(path), route=name)
+                problem: str | None = "expected an object with weights, base and set_at"
+            else:
+                problem = override_problem(override)
+            if problem is not None:
+                log.warning(
+                    "state_file_entry_ignored",
+                    path=str(path),
+                    route=name,
+                    reason=problem,
+                    hint="the route runs on its rule-file weights",
+                )
+                continue
+            self.overrides[name] = override
 
 
 def default_state_path(rules_path: Path) -> Path:

@@ -25,6 +25,7 @@ from strangler.logs import AccessLog, open_access_log
 from strangler.model import Address, Rules
 from strangler.proxy import transports
 from strangler.proxy.downstream import GatewayFactory
+from strangler.rules import admin_token_required
 from strangler.runtime_weights import RuntimeWeights, default_state_path
 
 log = structlog.get_logger("strangler")
@@ -85,6 +86,7 @@ class GatewayServer:
         self.last_reload = ReloadResult(True, reactor.seconds(), [], str(rules.source))
         self._fingerprint = _fingerprint(rules.source)
         self._watcher: LoopingCall | None = None
+        self._state_watcher: LoopingCall | None = None
         self._stopping: defer.Deferred[None] | None = None
 
     @property
@@ -119,17 +121,15 @@ class GatewayServer:
         if admin is None:
             return None
         address = self.admin_override or admin.listen
-        if admin.token is None and not _is_loopback(address.host):
-            raise ConfigError(
-                [
-                    RuleProblem(
-                        str(self.rules.source),
-                        0,
-                        "admin.token",
-                        f"the admin API on non-loopback {address} needs a token",
-                    )
-                ]
+        if admin.token is None and not address.is_loopback:
+            # `strangler check` refuses this already; an override can still get here.
+            problem = RuleProblem(
+                str(self.rules.source),
+                admin.line,
+                "admin.token",
+                admin_token_required(address),
             )
+            raise ConfigError([problem])
         from strangler.admin.api import build_admin_site
 
         self.admin_port = listen_tcp(self.reactor, address, build_admin_site(self))
@@ -152,9 +152,29 @@ class GatewayServer:
 
     def watch(self, interval: float = WATCH_INTERVAL) -> None:
         """Poll the rule file for changes and reload when its content changes."""
-        self._watcher = LoopingCall(self._check_file)
-        self._watcher.clock = self.reactor
-        self._watcher.start(interval, now=False)
+        self._watcher = self._poll(self._check_file, interval)
+
+    def follow_state(self, interval: float = WATCH_INTERVAL) -> None:
+        """Poll the runtime state file and apply weights other processes wrote.
+
+        Independent of `watch`: under `--no-watch` the rule file changes only
+        on SIGHUP, but a `strangler shift` answered by worker 0 or a migration
+        plan step must still reach every worker.
+        """
+        self._state_watcher = self._poll(self._check_state_file, interval)
+
+    def _poll(self, check: Callable[[], None], interval: float) -> LoopingCall:
+        def guarded() -> None:
+            # An exception would stop the LoopingCall, and the polling, for good.
+            try:
+                check()
+            except Exception:
+                log.exception("watch_failed", check=check.__name__)
+
+        call = LoopingCall(guarded)
+        call.clock = self.reactor
+        call.start(interval, now=False)
+        return call
 
     def install_signal_handlers(self) -> None:
         """SIGHUP reloads; SIGTERM and SIGINT drain and stop the reactor."""
@@ -170,15 +190,24 @@ class GatewayServer:
         signal.signal(signal.SIGINT, on_term)
 
     def reload(self) -> ReloadResult:
-        """Load the rule file again; keep the current rules if it is not valid."""
+        """Load the rule file again; keep the current rules if it is not valid.
+
+        Anything that goes wrong, in checking the file or in building the
+        new state from it, refuses the reload and leaves the running rules
+        alone. The runtime state file is read again too, so SIGHUP brings a
+        process up to date on both.
+        """
         source = self.rules.source
         self._fingerprint = _fingerprint(source)
+        self._check_state_file()
         try:
             rules = self.loader(source)
         except ConfigError as exc:
             return self._refused([str(problem) for problem in exc.problems])
         except OSError as exc:
             return self._refused([f"{source}: cannot read rule file: {exc.strerror}"])
+        except Exception as exc:
+            return self._refused([f"{source}: cannot load the rules: {exc}"], exc)
         if self.listen_override is not None:
             rules = replace(rules, listen=self.listen_override)
         if rules.listen != self.rules.listen:
@@ -189,24 +218,34 @@ class GatewayServer:
                 hint="restart the gateway to change the listening address",
             )
             rules = replace(rules, listen=self.rules.listen)
-        self.gateway.apply(rules)
+        try:
+            self.gateway.apply(rules)
+        except Exception as exc:
+            return self._refused(
+                [f"{source}: cannot put the rules in force: {exc}"], exc
+            )
         _warn_inactive(rules)
         self.gateway.metrics.reloads["ok"] += 1
         self.last_reload = ReloadResult(True, self.reactor.seconds(), [], str(source))
         log.info("reloaded", source=str(source), routes=len(rules.routes))
         return self.last_reload
 
-    def _refused(self, errors: list[str]) -> ReloadResult:
+    def _refused(
+        self, errors: list[str], exc: BaseException | None = None
+    ) -> ReloadResult:
+        """Record a refused reload; `exc` is a failure of the gateway's own."""
         source = str(self.rules.source)
         self.gateway.metrics.reloads["error"] += 1
         self.last_reload = ReloadResult(False, self.reactor.seconds(), errors, source)
-        log.error("reload_refused", source=source, errors=errors)
+        log.error("reload_refused", source=source, errors=errors, exc_info=exc)
         return self.last_reload
 
     def _check_file(self) -> None:
         current = _fingerprint(self.rules.source)
         if current != self._fingerprint:
             self.reload()
+
+    def _check_state_file(self) -> None:
         state = _fingerprint(self.state_path)
         if state != self._state_fingerprint:
             self._state_fingerprint = state
@@ -217,16 +256,22 @@ class GatewayServer:
         fresh = RuntimeWeights(self.state_path)
         if fresh.overrides == self.runtime.overrides:
             return
-        self.runtime.overrides = fresh.overrides
-        self.gateway.apply(self.rules)
+        kept, self.runtime.overrides = self.runtime.overrides, fresh.overrides
+        try:
+            self.gateway.apply(self.rules)
+        except Exception:
+            self.runtime.overrides = kept
+            log.exception("runtime_weights_not_followed", path=str(self.state_path))
+            return
         log.info("runtime_weights_followed", path=str(self.state_path))
 
     def stop(self, drain_timeout: float | None = None) -> defer.Deferred[None]:
         """Stop accepting, let requests in flight finish (bounded), then close."""
         if self._stopping is not None:
             return self._stopping
-        if self._watcher is not None and self._watcher.running:
-            self._watcher.stop()
+        for watcher in (self._watcher, self._state_watcher):
+            if watcher is not None and watcher.running:
+                watcher.stop()
         if self.migrations is not None:
             self.migrations.stop()
         timeout = self.rules.drain_timeout if drain_timeout is None else drain_timeout
@@ -281,15 +326,6 @@ def _warn_inactive(rules: Rules) -> None:
             detail="accepted by the rule file but not acted on yet; "
             "see docs/limitations.md",
         )
-
-
-def _is_loopback(host: str) -> bool:
-    import ipaddress
-
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 def _fingerprint(path: Path) -> bytes | None:

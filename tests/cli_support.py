@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -97,3 +98,31 @@ class ServeProcess:
             if stream is not None:
                 stream.close()
         return self.process.returncode
+
+
+class EventTail:
+    """Keeps reading a `ServeProcess`'s JSON log lines after start-up, in a thread.
+
+    Every process of `serve --workers N` writes to the same stdout, so this
+    sees the events of all workers; reading also keeps the pipe from filling.
+    """
+
+    def __init__(self, serve: ServeProcess) -> None:
+        self.events: list[dict[str, Any]] = list(serve.events)
+        self._thread = threading.Thread(
+            target=self._read, args=(serve.process.stdout,), daemon=True
+        )
+        self._thread.start()
+
+    def _read(self, stream: Any) -> None:
+        try:
+            for line in iter(stream.readline, b""):
+                try:
+                    self.events.append(json.loads(line))
+                except ValueError:
+                    continue
+        except (OSError, ValueError):
+            return  # the stream was closed by `ServeProcess.stop`
+
+    def named(self, name: str) -> list[dict[str, Any]]:
+        return [event for event in self.events if event.get("event") == name]

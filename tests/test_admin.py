@@ -15,14 +15,16 @@ from openapi_schema_validator import OAS31Validator, validate
 from openapi_spec_validator import validate as validate_spec
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
-from support import RunningGateway, write_rules
+from support import RunningGateway, sleep, write_rules
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.web.test.requesthelper import DummyRequest
 
 from strangler.admin.api import ENDPOINTS, MAX_BODY, build_admin_site
 from strangler.errors import ConfigError
+from strangler.model import Address
 from strangler.rules import load_rules
+from strangler.runtime_weights import RuntimeWeights, WeightOverride
 from strangler.server import GatewayServer
 
 ensure = pytest_twisted.ensureDeferred
@@ -192,21 +194,36 @@ async def test_token_is_read_from_the_rules_at_request_time(backends, gateway, c
     assert (await admin.call("GET", "/routes", token="new"))[0] == 200
 
 
-@ensure
-async def test_non_loopback_admin_without_token_is_refused_before_binding(tmp_path):
-    rules = load_rules(
-        write_rules(
-            tmp_path,
-            rules_text(UNUSED, UNUSED, admin="admin: {listen: 0.0.0.0:0}"),
-        )
+def test_non_loopback_admin_without_token_is_refused_by_the_rules(tmp_path):
+    path = write_rules(
+        tmp_path, rules_text(UNUSED, UNUSED, admin="admin: {listen: 0.0.0.0:0}")
     )
-    server = GatewayServer(rules, reactor, load_rules)
+
+    with pytest.raises(ConfigError) as refused:
+        load_rules(path)
+
+    (problem,) = refused.value.problems
+    assert (problem.line, problem.key) == (3, "admin.token")
+    assert "non-loopback 0.0.0.0:0 needs a token" in problem.message
+
+
+@ensure
+async def test_non_loopback_admin_override_without_token_is_refused_before_binding(
+    tmp_path,
+):
+    text = rules_text(UNUSED, UNUSED, admin="admin:\n  listen: 127.0.0.1:0\n")
+    rules = load_rules(write_rules(tmp_path, text))
+    server = GatewayServer(
+        rules, reactor, load_rules, admin_override=Address("0.0.0.0", 0)
+    )
     try:
-        with pytest.raises(ConfigError, match="needs a token"):
+        with pytest.raises(ConfigError, match="needs a token") as refused:
             server.start_admin()
         assert server.admin_port is None
     finally:
         await server.stop(drain_timeout=0)
+    (problem,) = refused.value.problems
+    assert str(problem).startswith(f"{rules.source}:4: admin.token: ")
 
 
 @ensure
@@ -404,6 +421,28 @@ async def test_runtime_weights_survive_a_restart(backends, gateway, client):
 
 
 @ensure
+async def test_reload_reads_runtime_weights_another_process_saved(
+    backends, gateway, client
+):
+    """What SIGHUP does in a worker: the state file is read again with the rules."""
+    _, _, gw, admin = start(backends, gateway, client)
+    elsewhere = RuntimeWeights(gw.server.state_path)
+    base = {"monolith": 50.0, "users": 50.0}
+    shifted = {"monolith": 10.0, "users": 90.0}
+    elsewhere.set("users-v1", WeightOverride(shifted, base, 1.0, "plan"))
+
+    _, result = await admin.json("POST", "/reload")
+    _, route = await admin.json("GET", "/routes/users-v1")
+
+    assert result["ok"] is True
+    assert (weights_of(route), route["source"], route["by"]) == (
+        shifted,
+        "runtime",
+        "plan",
+    )
+
+
+@ensure
 async def test_rule_file_edit_of_the_split_clears_the_runtime_weights(
     backends, gateway, client
 ):
@@ -505,6 +544,111 @@ async def test_metrics_count_requests_by_route_upstream_and_status_class(
         (("route", "users-v2"), ("status_class", "2xx"), ("upstream", "users")): 2,
         (("route", "default"), ("status_class", "4xx"), ("upstream", "monolith")): 1,
     }
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+async def scrape(admin: AdminApi) -> Samples:
+    """Every sample of /metrics, by name and sorted labels."""
+    code, _, raw = await admin.call("GET", "/metrics")
+    assert code == 200
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(raw.decode())
+        for s in family.samples
+    }
+
+
+def series(samples: Samples, name: str, route: str, upstream: str) -> dict[str, float]:
+    """Samples of `name` for one route and upstream, keyed by any other label."""
+    found = {}
+    for (sample, labels), value in samples.items():
+        given = dict(labels)
+        where = (given.pop("route", None), given.pop("upstream", None))
+        if sample == name and where == (route, upstream):
+            found[",".join(given.values())] = value
+    return found
+
+
+@ensure
+async def test_metrics_latency_histogram_and_bytes_per_route_and_upstream(
+    backends, gateway, client
+):
+    _, _, gw, admin = start(backends, gateway, client)
+    fast = [await client.get(gw.url + f"/api/v2/users/{n}") for n in range(3)]
+    fast_bytes = sum([len(await response.content()) for response in fast])
+    slow = await client.post(gw.url + "/slow?ms=300", data=b"u" * 1234)
+    slow_bytes = len(await slow.content())
+
+    samples = await scrape(admin)
+
+    histogram = "strangler_request_duration_seconds"
+    quick = series(samples, f"{histogram}_bucket", "users-v2", "users")
+    late = series(samples, f"{histogram}_bucket", "default", "monolith")
+    bounds = ["0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1", "0.25"]
+    assert (
+        list(quick)
+        == list(late)
+        == [*bounds, "0.5", "1.0", "2.5", "5.0", "10.0", "+Inf"]
+    )
+    for buckets, count in ((quick, 3), (late, 1)):
+        cumulative = list(buckets.values())
+        assert cumulative == sorted(cumulative) and cumulative[-1] == count
+    # The slow answer took at least 300ms: it is in no bucket up to 0.25s.
+    assert [late[bound] for bound in bounds] == [0] * len(bounds)
+    assert series(samples, f"{histogram}_count", "users-v2", "users") == {"": 3}
+    assert series(samples, f"{histogram}_count", "default", "monolith") == {"": 1}
+    assert series(samples, f"{histogram}_sum", "default", "monolith")[""] >= 0.3
+    assert series(samples, f"{histogram}_sum", "users-v2", "users")[""] > 0
+
+    received, sent = "strangler_request_bytes_total", "strangler_response_bytes_total"
+    assert series(samples, received, "default", "monolith") == {"": 1234}
+    assert series(samples, received, "users-v2", "users") == {"": 0}
+    assert series(samples, sent, "default", "monolith") == {"": slow_bytes}
+    assert series(samples, sent, "users-v2", "users") == {"": fast_bytes}
+
+
+@ensure
+async def test_metrics_in_flight_gauge_rises_while_a_request_runs(
+    backends, gateway, client
+):
+    _, _, gw, admin = start(backends, gateway, client)
+    gauge = ("strangler_in_flight_requests", ())
+
+    idle = (await scrape(admin))[gauge]
+    running = client.get(gw.url + "/slow?ms=1500")
+    during = 0.0
+    for _ in range(100):
+        during = (await scrape(admin))[gauge]
+        if during:
+            break
+        await sleep(0.02)
+    response = await running
+    await response.content()
+    after = (await scrape(admin))[gauge]
+
+    assert (idle, during, after) == (0, 1, 0)
+    assert response.code == 200
+
+
+@ensure
+async def test_metrics_count_reloads_by_outcome(backends, gateway, client):
+    _, _, gw, admin = start(backends, gateway, client)
+    good = gw.rules_path.read_text()
+
+    _, accepted = await admin.json("POST", "/reload")
+    gw.rules_path.write_text(good.replace("weight: 50}", "weight: 40}", 1))
+    _, refused = await admin.json("POST", "/reload")
+    samples = await scrape(admin)
+
+    assert (accepted["ok"], refused["ok"]) == (True, False)
+    reloads = {
+        dict(labels)["outcome"]: value
+        for (name, labels), value in samples.items()
+        if name == "strangler_reloads_total"
+    }
+    assert reloads == {"ok": 1, "error": 1}
 
 
 # The OpenAPI document against the real API.

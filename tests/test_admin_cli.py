@@ -8,6 +8,7 @@ Backends, where traffic must really flow, are echo servers in this process.
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import textwrap
 from collections.abc import Callable, Iterator
@@ -17,7 +18,10 @@ from typing import Any
 import pytest
 import pytest_twisted
 from cli_support import ServeProcess, run_cli
-from twisted.internet import reactor
+from load import get, run_load
+from ramp_support import RAMP, RAMP_KEYS, check_ramp_step, sticky_request
+from support import sleep
+from twisted.internet import reactor, threads
 
 from strangler.admin.client import (
     AdminCallError,
@@ -172,6 +176,77 @@ async def test_shift_through_the_cli_moves_real_traffic(backends, serve, client)
     assert await answered_by() == {"users"}
     assert served.cli("shift", "users-v1", "monolith=100").returncode == 0
     assert await answered_by() == {"monolith"}
+
+
+@ensure
+async def test_ramp_through_strangler_shift_under_load_then_sighup(tmp_path, backends):
+    """The ramp of the done-when, through `strangler shift` against `serve`.
+
+    Load runs throughout; after the 100% shift the rule file is edited to
+    100% too and the gateway told with SIGHUP (`--no-watch`, so nothing else
+    reloads it): the rule file wins, and nobody moves.
+    """
+    mono, users = backends("monolith"), backends("users")
+    admin_port = free_port()
+    text = rules_text(admin_port, mono.url, users.url).replace(
+        "access_log: false", "access_log: false\nexpose_decision: true"
+    )
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        text.replace(
+            "{to: monolith, weight: 90}", "{to: monolith, weight: 100}"
+        ).replace("{to: users, weight: 10}", "{to: users, weight: 0}")
+    )
+    served = Served(ServeProcess(rules, args=("--no-watch",)), admin_port, rules)
+    port = served.process.port
+    keys = RAMP_KEYS[:600]
+    history: dict[str, set[str]] = {}
+    ramp_done = False
+    background = run_load(
+        port,
+        lambda i: get(f"/api/v1/users/{i}", {"X-User-Id": f"bg{i % 89}"}),
+        1_000_000,
+        workers=4,
+        until=lambda: ramp_done,
+    )
+    try:
+        for weight in RAMP[1:]:
+            shifted = await threads.deferToThread(
+                served.cli, "shift", "users-v1", f"users={weight}"
+            )
+            assert shifted.returncode == 0, shifted.stderr
+            step = await run_load(port, sticky_request(keys), len(keys) * 2, workers=8)
+            assert step.failures == []
+            check_ramp_step(step.replies, keys, weight, history)
+
+        rules.write_text(
+            text.replace(
+                "{to: monolith, weight: 90}", "{to: monolith, weight: 0}"
+            ).replace("{to: users, weight: 10}", "{to: users, weight: 100}")
+        )
+        served.process.signal(signal.SIGHUP)
+        source = None
+        for _ in range(50):
+            status = await threads.deferToThread(served.cli, "status", "--json")
+            source = json.loads(status.stdout)["routes"][0]["source"]
+            if source == "rules":
+                break
+            await sleep(0.1)
+        after = await run_load(port, sticky_request(keys), len(keys) * 2, workers=8)
+        ramp_done = True
+        steady = await background
+    finally:
+        ramp_done = True
+        code = served.process.stop()
+
+    assert source == "rules"
+    assert after.failures == []
+    check_ramp_step(after.replies, keys, 100, history)
+    assert history["moved"] == set(keys)
+    assert steady.failures == []
+    assert len(steady.replies) > 100
+    assert {r.status for r in steady.replies} == {200}
+    assert code == 0
 
 
 def test_wrong_or_missing_token_exits_1_with_one_line(serve):

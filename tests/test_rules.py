@@ -799,6 +799,84 @@ def test_bad_admin_listen_address_is_reported() -> None:
     ]
 
 
+def test_ip_hash_weights_over_the_ring_limit_are_refused_at_targets() -> None:
+    text = BASE.replace(
+        "  users:\n    targets: [http://127.0.0.1:9101]\n",
+        "  users:\n"
+        "    balance: ip_hash\n"
+        "    targets:\n"
+        "      - {url: http://127.0.0.1:9101, weight: 600}\n"
+        "      - {url: http://127.0.0.1:9102, weight: 401}\n",
+    )
+
+    assert problems(text) == [
+        "rules/demo.yaml:6: upstreams.users.targets: ip_hash target weights "
+        "must sum to at most 1000, got 1001"
+    ]
+
+
+def test_ip_hash_weights_at_the_ring_limit_and_other_balancers_load() -> None:
+    heavy = (
+        "    targets:\n"
+        "      - {url: http://127.0.0.1:9101, weight: 600}\n"
+        "      - {url: http://127.0.0.1:9102, weight: 400}\n"
+    )
+    at_limit = BASE.replace(
+        "    targets: [http://127.0.0.1:9101]\n", "    balance: ip_hash\n" + heavy
+    )
+    round_robin = BASE.replace(
+        "    targets: [http://127.0.0.1:9101]\n",
+        heavy.replace("400}", "4000}"),
+    )
+
+    assert sum(t.weight for t in load(at_limit).upstreams["users"].targets) == 1000
+    assert sum(t.weight for t in load(round_robin).upstreams["users"].targets) == 4600
+
+
+def test_non_loopback_admin_without_token_is_refused_at_its_listen_line() -> None:
+    text = BASE + "admin:\n  listen: 0.0.0.0:8081\n"
+
+    assert problems(text) == [
+        "rules/demo.yaml:8: admin.token: the admin API on non-loopback 0.0.0.0:8081 "
+        "needs a token (token: ${STRANGLER_ADMIN_TOKEN}), or listen on 127.0.0.1"
+    ]
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.2:8081", "'[::1]:8081'", "localhost:1"])
+def test_loopback_admin_needs_no_token(listen: str) -> None:
+    rules = load(BASE + f"admin:\n  listen: {listen}\n")
+
+    assert rules.admin is not None and rules.admin.token is None
+    assert rules.admin.line == 8
+
+
+def test_check_command_refuses_what_serve_could_not_run(tmp_path: Path) -> None:
+    """`strangler check` exits 1 on the ip_hash ring limit and a tokenless admin."""
+    from cli_support import run_cli
+
+    path = tmp_path / "rules.yaml"
+    path.write_text(
+        BASE.replace(
+            "    targets: [http://127.0.0.1:9101]\n",
+            "    balance: ip_hash\n"
+            "    targets: [{url: http://127.0.0.1:9101, weight: 1001}]\n",
+        )
+        + "admin: {listen: 0.0.0.0:8081}\n"
+    )
+
+    result = run_cli("check", str(path))
+
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"{path}:6: upstreams.users.targets: ip_hash target weights must sum to "
+        "at most 1000, got 1001",
+        f"{path}:8: admin.token: the admin API on non-loopback 0.0.0.0:8081 needs "
+        "a token (token: ${STRANGLER_ADMIN_TOKEN}), or listen on 127.0.0.1",
+        f"{path}: 2 problems",
+    ]
+    assert "Traceback" not in result.stderr
+
+
 def test_route_with_both_to_and_split_is_refused() -> None:
     text = with_routes("""\
       - name: r

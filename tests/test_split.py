@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import base64
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
 import pytest_twisted
 from load import get, run_load
-from support import header_values, raw_exchange, sleep
+from ramp_support import RAMP, RAMP_KEYS, check_ramp_step, sticky_request
+from structlog.testing import capture_logs
+from support import header_values, raw_exchange, sleep, status_of
+
+from strangler.model import Rules
+from strangler.rules import load_rules
+from strangler.splitting import Splitter
 
 ensure = pytest_twisted.ensureDeferred
 
@@ -196,16 +208,65 @@ async def test_invalid_rule_file_is_refused_and_old_rules_keep_serving(
     assert {r.headers[UPSTREAM] for r in result.replies} == {b"monolith"}
 
 
+def _loader_with_a_build_bug(path: Path) -> Rules:
+    """`load_rules`, except that a file marked `# broken` validates but cannot be
+    built: its `users` upstream becomes an ip_hash ring too big to construct,
+    standing in for any fault between validation and the new state.
+    """
+    rules = load_rules(path)
+    if "# broken" not in path.read_text():
+        return rules
+    users = rules.upstreams["users"]
+    heavy = dataclasses.replace(users.targets[0], weight=5000)
+    broken = dataclasses.replace(users, balance="ip_hash", targets=(heavy,))
+    return dataclasses.replace(rules, upstreams={**rules.upstreams, "users": broken})
+
+
+@ensure
+async def test_reload_that_cannot_be_built_is_refused_and_watching_goes_on(
+    backends, gateway
+):
+    mono, users = backends("monolith"), backends("users")
+    gw = gateway(split_rules(mono.url, users.url, 0))
+    gw.server.loader = _loader_with_a_build_bug
+    gw.server.watch(interval=0.1)
+
+    with capture_logs() as logs:
+        gw.rules_path.write_text(split_rules(mono.url, users.url, 100) + "# broken\n")
+        await _wait_for(lambda: not gw.server.last_reload.ok)
+        refused = gw.server.last_reload
+        during = await run_load(gw.port, lambda i: get("/api/v1/users"), 20)
+
+        gw.rules_path.write_text(split_rules(mono.url, users.url, 100))
+        await _wait_for(lambda: gw.server.last_reload.ok)
+        after = await run_load(gw.port, lambda i: get("/api/v1/users"), 20)
+
+    assert not refused.ok
+    (error,) = refused.errors
+    assert error.startswith(f"{gw.rules_path}: cannot put the rules in force: ")
+    assert "ip_hash weights of upstream 'users'" in error
+    assert [e["errors"] for e in logs if e["event"] == "reload_refused"] == [
+        refused.errors
+    ]
+    assert {r.headers[UPSTREAM] for r in during.replies} == {b"monolith"}
+    assert gw.server.last_reload.ok
+    assert {r.headers[UPSTREAM] for r in after.replies} == {b"users"}
+    assert gw.server.gateway.metrics.reloads == {"ok": 1, "error": 1}
+
+
 @ensure
 async def test_ramp_by_rule_edits_under_load_loses_nothing_and_keeps_users_moved(
     backends, gateway
 ):
-    """The traffic-shifting acceptance: 0 -> 1 -> 10 -> 50 -> 100 while load runs."""
+    """The traffic-shifting acceptance: 0 -> 1 -> 10 -> 50 -> 100 while load runs.
+
+    Each step is an edit of the rule file that the file watcher picks up, as
+    an operator's editor would trigger it; nothing calls `reload()`.
+    """
     mono, users = backends("monolith"), backends("users")
     gw = gateway(split_rules(mono.url, users.url, 0, sticky=STICKY))
-    keys = 400
-    history: dict[int, list[bytes]] = {}
-    failures: list[str] = []
+    gw.server.watch(interval=0.2)
+    history: dict[str, set[str]] = {}
     ramp_done = False
     background = run_load(
         gw.port,
@@ -215,36 +276,30 @@ async def test_ramp_by_rule_edits_under_load_loses_nothing_and_keeps_users_moved
         until=lambda: ramp_done,
     )
 
-    for weight in (0, 1, 10, 50, 100):
+    for weight in RAMP:
         gw.rules_path.write_text(
             split_rules(mono.url, users.url, weight, sticky=STICKY)
         )
-        reloaded = gw.server.reload()
-        assert reloaded.ok, reloaded.errors
-        result = await run_load(
-            gw.port,
-            lambda i: get("/api/v1/users", {"X-User-Id": f"k{i % keys}"}),
-            keys * 3,
-            workers=8,
+        await _wait_for(
+            lambda w=weight: (
+                gw.server.gateway.state.plans["users-v1"].effective_weights()["users"]
+                == w
+            )
         )
-        failures += result.failures
-        assert {r.status for r in result.replies} == {200}
-        for reply in result.replies:
-            history.setdefault(reply.index % keys, []).append(reply.headers[UPSTREAM])
-        on_users = {
-            r.index % keys for r in result.replies if r.headers[UPSTREAM] == b"users"
-        }
-        assert abs(len(on_users) / keys * 100 - weight) <= 6
+        assert gw.server.last_reload.ok, gw.server.last_reload.errors
+        result = await run_load(
+            gw.port, sticky_request(RAMP_KEYS), len(RAMP_KEYS) * 2, workers=8
+        )
+        assert result.failures == []
+        check_ramp_step(result.replies, RAMP_KEYS, weight, history)
 
     ramp_done = True
     steady = await background
+    assert gw.server.gateway.metrics.reloads == {"ok": len(RAMP) - 1, "error": 0}
     assert steady.failures == []
     assert len(steady.replies) > 100
     assert {r.status for r in steady.replies} == {200}
-    assert failures == []
-    for key, seen in history.items():
-        first_users = seen.index(b"users") if b"users" in seen else len(seen)
-        assert all(upstream == b"users" for upstream in seen[first_users:]), key
+    assert history["moved"] == set(RAMP_KEYS)
 
 
 @ensure
@@ -259,8 +314,8 @@ async def test_ramp_through_the_admin_api_under_load_keeps_users_moved(
     gw = gateway(split_rules(mono.url, users.url, 0, extra=admin, sticky=STICKY))
     address = gw.server.start_admin()
     assert address is not None
-    keys = 300
-    history: dict[int, list[bytes]] = {}
+    keys = RAMP_KEYS[:600]
+    history: dict[str, set[str]] = {}
     ramp_done = False
     background = run_load(
         gw.port,
@@ -270,7 +325,7 @@ async def test_ramp_through_the_admin_api_under_load_keeps_users_moved(
         until=lambda: ramp_done,
     )
 
-    for weight in (1, 10, 50, 100):
+    for weight in RAMP[1:]:
         reply = await client.post(
             f"http://127.0.0.1:{address.port}/routes/users-v1/split",
             data=jsonlib.dumps({"users": weight}).encode(),
@@ -281,26 +336,14 @@ async def test_ramp_through_the_admin_api_under_load_keeps_users_moved(
         )
         assert reply.code == 200, await reply.content()
         await reply.content()
-        result = await run_load(
-            gw.port,
-            lambda i: get("/api/v1/users", {"X-User-Id": f"k{i % keys}"}),
-            keys * 2,
-            workers=8,
-        )
+        result = await run_load(gw.port, sticky_request(keys), len(keys) * 2, workers=8)
         assert result.failures == []
-        for r in result.replies:
-            history.setdefault(r.index % keys, []).append(r.headers[UPSTREAM])
-        on_users = {
-            r.index % keys for r in result.replies if r.headers[UPSTREAM] == b"users"
-        }
-        assert abs(len(on_users) / keys * 100 - weight) <= 7
+        check_ramp_step(result.replies, keys, weight, history)
 
     ramp_done = True
     steady = await background
     assert steady.failures == [] and {r.status for r in steady.replies} == {200}
-    for key, seen in history.items():
-        first = seen.index(b"users") if b"users" in seen else len(seen)
-        assert all(u == b"users" for u in seen[first:]), key
+    assert history["moved"] == set(keys)
 
 
 @ensure
@@ -327,3 +370,175 @@ async def test_unchanged_upstreams_keep_pools_and_state_across_a_reload(
         sum(len(pool.idle) for pool in after["monolith"].pools.values()) == pooled > 0
     )
     assert after["users"] is not before["users"]
+
+
+@ensure
+async def test_health_state_survives_a_reload_that_does_not_touch_the_upstream(
+    backends, gateway
+):
+    mono, users_a, users_b = backends("monolith"), backends("a"), backends("b")
+    users_b.fail_with = 503  # its /health too: health checks take it out
+    health = "{path: /health, interval: 30s, timeout: 1s, unhealthy_after: 1}"
+    text = split_rules(mono.url, f"{users_a.url}, {users_b.url}", 100).replace(
+        "  users:\n", f"  users:\n    health: {health}\n"
+    )
+    gw = gateway(text)
+    states = gw.server.gateway.state.upstreams["users"].states
+    await _wait_for(lambda: not states[1].available)
+    assert not states[1].available
+    before = gw.server.gateway.state.upstreams["users"]
+
+    gw.rules_path.write_text(text.replace("expose_decision: true", "timeout: 20s"))
+    reloaded = gw.server.reload()
+    after = gw.server.gateway.state.upstreams["users"]
+    # Checked before the reactor runs again: a rebuilt upstream would start
+    # with every target available and probe them from scratch.
+    kept = [state.available for state in after.states]
+    result = await run_load(gw.port, lambda i: get("/api/v1/users"), 40)
+
+    assert reloaded.ok and gw.server.rules.timeout == 20
+    assert after is before and after.health is before.health
+    assert kept == [True, False]
+    assert {r.status for r in result.replies} == {200}
+    assert {r.headers[b"x-served-by"] for r in result.replies} == {b"a"}
+
+
+SLOW_ROUTE = """
+  - name: slow-new
+    match: {path: /slow}
+    split:
+      - {to: monolith, weight: 0}
+      - {to: users, weight: 100, timeout: 300ms}
+    sticky: {by: cookie, name: strangler_user}
+    override: {header: X-Strangler-Upstream}
+"""
+
+
+@ensure
+async def test_split_entry_timeout_is_its_own_and_the_504_says_where_it_went(
+    backends, gateway
+):
+    """A gateway-made answer carries the decision headers and the sticky cookie."""
+    mono, users = backends("monolith"), backends("users")
+    gw = gateway(split_rules(mono.url, users.url, 50) + SLOW_ROUTE)
+
+    timed_out = await raw_exchange(
+        gw.port,
+        b"GET /slow?ms=3000 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        wait=5,
+    )
+    patient = await raw_exchange(
+        gw.port,
+        b"GET /slow?ms=600 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n"
+        b"X-Strangler-Upstream: monolith\r\n\r\n",
+        wait=5,
+    )
+
+    assert status_of(timed_out) == 504
+    assert b'"error":"upstream_timeout"' in timed_out
+    assert header_values(timed_out, b"x-strangler-route") == [b"slow-new"]
+    assert header_values(timed_out, UPSTREAM) == [b"users"]
+    (cookie,) = header_values(timed_out, b"set-cookie")
+    assert cookie.startswith(b"strangler_user=") and b"HttpOnly" in cookie
+    assert status_of(patient) == 200
+    assert header_values(patient, UPSTREAM) == [b"monolith"]
+    assert header_values(patient, b"x-served-by") == [b"monolith"]
+
+
+@ensure
+async def test_gateway_made_502_carries_the_decision_headers(backends, gateway):
+    mono = backends("monolith")
+    gw = gateway(split_rules(mono.url, "http://127.0.0.1:9", 100))
+
+    raw = await raw_exchange(
+        gw.port, b"GET /api/v1/users HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    )
+
+    assert status_of(raw) == 502
+    assert header_values(raw, b"x-strangler-route") == [b"users-v1"]
+    assert header_values(raw, UPSTREAM) == [b"users"]
+
+
+@ensure
+async def test_gateway_refusal_carries_the_decision_headers(backends, gateway):
+    """`reject` answers (here 413 from `limits.max_body`) say where it would have gone."""
+    mono, users = backends("monolith"), backends("users")
+    gw = gateway(split_rules(mono.url, users.url, 100, extra="limits: {max_body: 10}"))
+
+    raw = await raw_exchange(
+        gw.port,
+        b"POST /api/v1/users HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n"
+        b"Connection: close\r\n\r\n" + b"x" * 100,
+    )
+
+    assert status_of(raw) == 413
+    assert header_values(raw, b"x-strangler-route") == [b"users-v1"]
+    assert header_values(raw, UPSTREAM) == [b"users"]
+    assert users.requests == []
+
+
+def _unsigned_jwt(claims: dict[str, object]) -> str:
+    """A token shaped like a JWT; stickiness reads the claim, auth would verify it."""
+
+    def part(data: dict[str, object]) -> str:
+        raw = json.dumps(data).encode()
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+    return f"{part({'alg': 'HS256', 'typ': 'JWT'})}.{part(claims)}.c2ln"
+
+
+@ensure
+async def test_jwt_claim_stickiness_keys_on_the_claim_not_the_token(backends, gateway):
+    mono, users = backends("monolith"), backends("users")
+    sticky = "    sticky: {by: jwt_claim, name: sub}"
+    gw = gateway(split_rules(mono.url, users.url, 30, sticky=sticky))
+    subjects = [f"user-{n}" for n in range(60)]
+
+    # Each subject comes with a different token every time (a new `iat`).
+    result = await run_load(
+        gw.port,
+        lambda i: get(
+            "/api/v1/users",
+            {
+                "Authorization": "Bearer "
+                + _unsigned_jwt({"sub": subjects[i % 60], "iat": 1_700_000_000 + i})
+            },
+        ),
+        240,
+    )
+
+    landed: dict[str, set[bytes]] = {}
+    for reply in result.replies:
+        landed.setdefault(subjects[reply.index % 60], set()).add(
+            reply.headers[UPSTREAM]
+        )
+    splitter = Splitter([70, 30], ["monolith", "users"])
+    expected = {
+        subject: {b"users" if splitter.pick_sticky(subject) else b"monolith"}
+        for subject in subjects
+    }
+    assert result.failures == []
+    assert landed == expected
+    assert {b"monolith"} in landed.values() and {b"users"} in landed.values()
+    assert {line["split"] for line in gw.log_lines()} == {"sticky"}
+
+
+@pytest.mark.parametrize(
+    "sticky",
+    [STICKY, "    sticky: {by: jwt_claim, name: sub}"],
+    ids=["header", "jwt_claim"],
+)
+@ensure
+async def test_request_without_the_sticky_key_is_drawn_at_random(
+    backends, gateway, sticky
+):
+    mono, users = backends("monolith"), backends("users")
+    gw = gateway(split_rules(mono.url, users.url, 50, sticky=sticky))
+    headers = {"Authorization": "Bearer not-a-jwt"} if "jwt" in sticky else {}
+
+    result = await run_load(gw.port, lambda i: get("/api/v1/users", headers), 400)
+
+    assert result.failures == []
+    assert 140 <= result.count(UPSTREAM, b"users") <= 260
+    assert {line["split"] for line in gw.log_lines()} == {"random"}
+    assert all(b"set-cookie" not in r.headers for r in result.replies)

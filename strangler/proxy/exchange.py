@@ -1009,9 +1009,23 @@ class Exchange:
                 message,
                 self.request_id,
                 close=not self.keep_alive,
+                extra_headers=self._decision_headers(None),
             )
         )
         self._finish()
+
+    def _decision_headers(
+        self, extra: list[tuple[bytes, bytes]] | None
+    ) -> list[tuple[bytes, bytes]]:
+        """`extra`, plus the decision and new sticky cookie a proxied head carries."""
+        headers = list(extra or ())
+        plan, branch = self.plan, self.branch
+        if plan is not None and branch is not None and self.state.rules.expose_decision:
+            headers.append((b"X-Strangler-Route", plan.name.encode()))
+            headers.append((b"X-Strangler-Upstream", branch.entry.to.encode()))
+        if self.set_cookie is not None:
+            headers.append(self.set_cookie)
+        return headers
 
     def upgraded(self, conn: UpstreamConnection, extra: bytes) -> None:
         """The upstream switched protocols: from now on bytes flow both ways as is."""
@@ -1050,7 +1064,7 @@ class Exchange:
                 message,
                 self.request_id,
                 close=not self.keep_alive,
-                extra_headers=extra_headers,
+                extra_headers=self._decision_headers(extra_headers),
             )
         )
         self._finish()
