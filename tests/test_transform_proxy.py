@@ -318,29 +318,43 @@ def _body(raw: bytes) -> bytes:
 
 
 @ensure
-async def test_demo_v1_clients_get_the_v1_xml_shape_from_the_new_service(demo, gateway):
-    gw = gateway(_demo_rules_on(demo, 100))
-
-    raw = await raw_exchange(
-        gw.port,
-        b"GET /api/v1/users/3 HTTP/1.1\r\nHost: a\r\nX-User-Id: 7\r\nConnection: close\r\n\r\n",
-    )
-    created = await raw_exchange(
-        gw.port,
-        _post(
-            b"/api/v1/users",
-            b"<user><name>Grace Hopper</name><email>grace@example.test</email>"
-            b"<active>true</active></user>",
-        ),
+async def test_demo_v1_clients_get_the_monolith_answers_from_the_new_service(
+    demo, gateway
+):
+    """Done when: old XML clients see the v1 contract, whichever side answers."""
+    new = gateway(_demo_rules_on(demo, 100))
+    old = gateway(_demo_rules_on(demo, 0))
+    created = (
+        b"<user><name>Grace Hopper</name><email>grace@example.test</email>"
+        b"<active>false</active></user>"
     )
 
-    assert header_values(raw, b"x-served-by") == [b"users-1"]
-    user = ElementTree.fromstring(raw.split(b"\r\n\r\n", 1)[1])
-    assert user.tag == "user" and user.get("id") == "3"
-    assert user.findtext("name") and user.findtext("email")
-    assert status_of(created) == 201
-    made = ElementTree.fromstring(created.split(b"\r\n\r\n", 1)[1])
-    assert made.tag == "user" and made.findtext("name") == "Grace Hopper"
+    answers = {}
+    for side, gw in (("new", new), ("old", old)):
+        answers[side] = {
+            "list": await raw_exchange(gw.port, _get(b"/api/v1/users")),
+            "one": await raw_exchange(gw.port, _get(b"/api/v1/users/3")),
+            "missing": await raw_exchange(gw.port, _get(b"/api/v1/users/42")),
+            "head": await raw_exchange(gw.port, _get(b"/api/v1/users", b"HEAD")),
+            "created": await raw_exchange(gw.port, _post(b"/api/v1/users", created)),
+        }
+
+    new_side, old_side = answers["new"], answers["old"]
+    assert header_values(new_side["list"], b"x-served-by") == [b"users-1"]
+    assert header_values(old_side["list"], b"x-served-by")[0].startswith(b"monolith")
+    for name in ("list", "one", "missing", "created"):
+        assert status_of(new_side[name]) == status_of(old_side[name]), name
+        assert header_values(new_side[name], b"content-type") == [b"application/xml"]
+        assert _tree(_body(new_side[name])) == _tree(_body(old_side[name])), name
+    assert _tree(_body(new_side["list"]))[0] == "users"
+    assert len(_tree(_body(new_side["list"]))[3]) == 5
+    assert status_of(new_side["created"]) == 201
+    assert header_values(new_side["created"], b"location") == [b"/api/v1/users/6"]
+    assert header_values(old_side["created"], b"location") == [b"/api/v1/users/6"]
+    assert status_of(new_side["head"]) == 200
+    assert header_values(new_side["head"], b"content-type") == [b"application/xml"]
+    assert header_values(old_side["head"], b"content-type") == [b"application/xml"]
+    assert _body(new_side["head"]) == b""
 
 
 # -- big bodies convert off the reactor -----------------------------------------
