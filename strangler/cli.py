@@ -70,8 +70,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_transform(args: argparse.Namespace) -> int:
     """Run a route's transform offline: see what a client's payload becomes."""
-    from strangler.transforms import TransformError
-    from strangler.transforms.xml_json import TRANSFORMS
+    from strangler.transforms import TransformError, pipeline
 
     rules = _load_or_report(args.rules)
     if rules is None:
@@ -91,17 +90,9 @@ def cmd_transform(args: argparse.Namespace) -> int:
     transform = entries[0].transform
     assert transform is not None
     body = sys.stdin.buffer.read()
+    convert = pipeline.convert_response if args.response else pipeline.convert_request
     try:
-        if args.response:
-            if transform.body is not None and transform.body.reversible:
-                body = transform.body.reverse().apply_body(body)
-            if transform.response is not None:
-                body = TRANSFORMS[transform.response](body)
-        else:
-            if transform.request is not None:
-                body = TRANSFORMS[transform.request](body)
-            if transform.body is not None:
-                body = transform.body.apply_body(body)
+        body = convert(transform, body)
     except TransformError as exc:
         print(f"transform failed ({exc.status}): {exc.message}", file=sys.stderr)
         return 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from strangler.gateway import DEFAULT_ROUTE_NAME, make_splitter
-from strangler.model import Route, Rules, SplitEntry
+from strangler.model import Route, Rules, SplitEntry, Transform
 from strangler.routing import Router
 from strangler.stickiness import sticky_key
 from strangler.units import format_duration
@@ -98,6 +98,8 @@ def explain(
     if route is not None and route.shadow is not None:
         methods = ", ".join(sorted(route.shadow.methods))
         shadow = f"{route.shadow.to} ({route.shadow.percent:g}% of {methods})"
+        if route.shadow.transform is not None:
+            shadow += f"; transform {describe_transform(route.shadow.transform)}"
     return Explanation(
         route=route.name
         if route is not None
@@ -123,11 +125,22 @@ def explain(
             entry.connect_timeout, upstream.connect_timeout, rules.connect_timeout
         ),
         shadow=shadow,
-        body_map=repr(entry.transform.body)
+        body_map=entry.transform.body.describe()
         if entry.transform and entry.transform.body
         else None,
         header_edits=_describe_headers(entry),
     )
+
+
+def describe_transform(transform: Transform) -> str:
+    """One line naming each step of a transform, as the proxy runs them."""
+    parts = [
+        f"request {transform.request or 'none'}",
+        f"response {transform.response or 'none'}",
+    ]
+    if transform.body is not None:
+        parts.append(f"body map ({transform.body.describe()})")
+    return ", ".join(parts)
 
 
 def _describe_headers(entry: SplitEntry) -> str | None:

@@ -32,6 +32,7 @@ from strangler.runtime_weights import (
 from strangler.shadow.mirror import build_mirror
 from strangler.shadow.registry import ShadowRegistry
 from strangler.splitting import Splitter
+from strangler.transforms.offload import ConversionPool
 
 DEFAULT_ROUTE_NAME = "default"
 
@@ -366,6 +367,8 @@ class Gateway:
         )
         self.connections: set[Any] = set()
         self.draining = False
+        # Large bodies are converted in these threads, off the reactor.
+        self.conversions = ConversionPool(reactor)
 
     @property
     def rules(self) -> Rules:
@@ -406,3 +409,4 @@ class Gateway:
         if self.state.gate is not None:
             self.state.gate.close()
         self.shadows.close()
+        self.conversions.close()

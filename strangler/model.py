@@ -108,11 +108,13 @@ class Rewrite:
 
     Exactly one of `prefix` and `regex` is set. The rewrite only ever touches
     the path; the query string is carried over unchanged by the proxy.
+    `location` undoes a prefix rewrite on the `Location` of responses.
     """
 
     to: str
     prefix: str | None = None
     regex: re.Pattern[str] | None = None
+    location: bool = True
 
     def apply(self, path: str) -> str:
         if self.prefix is not None:

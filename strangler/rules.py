@@ -639,7 +639,7 @@ def _template_problem(pattern: re.Pattern[str], template: str) -> str | None:
     return None
 
 
-_REWRITE = {"prefix": _path, "regex": _regex, "to": _string}
+_REWRITE = {"prefix": _path, "regex": _regex, "to": _string, "location": _bool}
 
 
 def _rewrite(checker: _Checker, value: Any, path: KeyPath) -> Rewrite | None:
@@ -648,6 +648,12 @@ def _rewrite(checker: _Checker, value: Any, path: KeyPath) -> Rewrite | None:
         checker.report(path, "give exactly one of 'prefix' or 'regex', with 'to'")
         return None
     if values is None:
+        return None
+    if values.get("location") and "regex" in values:
+        checker.report(
+            (*path, "location"),
+            "a regex rewrite cannot be undone on Location; only prefix rewrites can",
+        )
         return None
     if "regex" in values:
         problem = _template_problem(values["regex"], values["to"])
@@ -658,13 +664,21 @@ def _rewrite(checker: _Checker, value: Any, path: KeyPath) -> Rewrite | None:
 
 
 def _body_map(checker: _Checker, value: Any, path: KeyPath) -> Any:
-    from strangler.transforms.body_map import BodyMap
+    from strangler.transforms.body_map import BodyMapError, BodyMaps
 
-    if not isinstance(value, list) or not value:
-        checker.report(path, f"expected a list of field operations, got {_show(value)}")
+    if not isinstance(value, list | dict) or not value:
+        checker.report(
+            path,
+            "expected a list of field operations, or {request: [...], response: "
+            f"[...]}}, got {_show(value)}",
+        )
         return None
     try:
-        return BodyMap(value)
+        return BodyMaps.from_rules(value)
+    except BodyMapError as exc:
+        where = path if exc.direction is None else (*path, exc.direction)
+        checker.report(where, exc.message)
+        return None
     except ValueError as exc:
         checker.report(path, str(exc))
         return None
@@ -947,6 +961,14 @@ _SHADOW = {
 
 def _shadow(checker: _Checker, value: Any, path: KeyPath) -> Shadow | None:
     values = checker.fields(value, path, _SHADOW, required=("to",))
+    transform = value.get("transform") if isinstance(value, dict) else None
+    if isinstance(transform, dict) and "max_body" in transform:
+        checker.report(
+            (*path, "transform", "max_body"),
+            "a shadow copies and converts bodies up to its own max_body; "
+            "set shadow.max_body instead",
+        )
+        return None
     return Shadow(**values) if values is not None else None
 
 

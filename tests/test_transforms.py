@@ -6,19 +6,26 @@ from __future__ import annotations
 import copy
 import json
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
 import defusedxml.minidom
 import orjson
 import pytest
+import pytest_twisted
 from defusedxml.ElementTree import fromstring as defused_fromstring
 from hypothesis import given
 from hypothesis import strategies as st
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 
-from strangler.errors import StranglerError
-from strangler.transforms import TransformError
-from strangler.transforms.body_map import BodyMap, DropField, RenameField
+from strangler.errors import ConfigError, StranglerError
+from strangler.model import Transform
+from strangler.rules import load_rules
+from strangler.transforms import TransformError, pipeline
+from strangler.transforms.body_map import BodyMap, BodyMaps, DropField, RenameField
+from strangler.transforms.offload import ConversionPool
 from strangler.transforms.safety import check_body_size, json_nesting
 from strangler.transforms.xml_json import (
     TRANSFORMS,
@@ -72,9 +79,9 @@ def _typed_text_rows() -> list[Any]:
     ]
 
 
-def _body_map_example() -> dict[str, Any]:
+def _body_map_example(marker: str = "body-map example") -> dict[str, Any]:
     text = _doc_text()
-    start = text.index("<!-- body-map example -->")
+    start = text.index(f"<!-- {marker} -->")
     opening = text.index("```json\n", start) + len("```json\n")
     block = text[opening : text.index("\n```", opening)]
     return orjson.loads(block)  # type: ignore[no-any-return]
@@ -168,9 +175,16 @@ def test_typed_text_is_written_back_as_the_same_text(text: str, expected: str) -
     )
 
 
-def test_doc_body_map_example() -> None:
-    example = _body_map_example()
-    assert BodyMap(example["map"]).apply(example["request"]) == example["mapped"]
+@pytest.mark.parametrize("marker", ["body-map example", "body-map list example"])
+def test_doc_body_map_example(marker: str) -> None:
+    example = _body_map_example(marker)
+    body_map = BodyMap(example["map"])
+    mapped = body_map.apply(example["request"])
+    assert _strict(mapped) == _strict(example["mapped"])
+    assert list(mapped) == list(example["mapped"])
+    if "answer" in example:
+        returned = body_map.reverse().apply(example["answer"])
+        assert _strict(returned) == _strict(example["returned"])
 
 
 # XML to JSON details
@@ -853,17 +867,116 @@ def test_reverse_undoes_renames_and_sets_in_the_opposite_order() -> None:
     assert reverse.apply(body_map.apply(copy.deepcopy(original))) == original
 
 
-def test_a_map_with_a_drop_has_no_reverse() -> None:
+def test_a_drop_is_skipped_on_the_way_back_and_the_renames_still_reverse() -> None:
     body_map = BodyMap([{"rename": {"from": "a", "to": "b"}}, {"drop": "legacy_flag"}])
     assert not body_map.reversible
-    with pytest.raises(ValueError, match="drop 'legacy_flag' has no inverse"):
-        body_map.reverse()
+    assert body_map.reverse() == BodyMap([RenameField(("b",), ("a",))])
+    assert body_map.reverse().apply({"b": 1, "legacy_flag": True}) == {
+        "a": 1,
+        "legacy_flag": True,
+    }
+
+
+def test_a_value_moved_up_into_its_parent_keeps_the_parent_place() -> None:
+    body_map = BodyMap([{"rename": {"from": "name.full", "to": "name"}}])
+    mapped = body_map.apply({"id": 1, "name": {"full": "Ann"}, "email": "a@x"})
+    assert list(mapped) == ["id", "name", "email"]
+    assert mapped == {"id": 1, "name": "Ann", "email": "a@x"}
+
+
+def test_each_maps_every_item_of_a_list_and_reverses() -> None:
+    body_map = BodyMap(
+        [
+            {
+                "each": {
+                    "path": "users",
+                    "map": [{"rename": {"from": "@id", "to": "id"}}],
+                }
+            },
+            {"drop": "users.note"},
+        ]
+    )
+    body = {"users": [{"@id": 1, "n": "a"}, {"@id": 2}], "x": 0}
+    assert body_map.apply(copy.deepcopy(body)) == {
+        "users": [{"n": "a", "id": 1}, {"id": 2}],
+        "x": 0,
+    }
+    assert body_map.reverse().apply(body_map.apply(copy.deepcopy(body))) == body
+    assert not body_map.reversible
+
+
+def test_each_takes_a_single_object_as_a_list_of_one_and_skips_an_absent_path() -> None:
+    body_map = BodyMap(
+        [{"each": {"path": "a.b", "map": [{"rename": {"from": "x", "to": "y"}}]}}]
+    )
+    assert body_map.apply({"a": {"b": {"x": 1}}}) == {"a": {"b": {"y": 1}}}
+    assert body_map.apply({"a": 1}) == {"a": 1}
+    assert body_map.apply({}) == {}
+
+
+def test_each_refuses_items_that_are_not_objects() -> None:
+    body_map = BodyMap([{"each": {"path": "tags", "map": [{"drop": "x"}]}}])
+    with pytest.raises(TransformError) as caught:
+        body_map.apply({"tags": [{"x": 1}, "admin"]})
+    assert caught.value.message == (
+        "each 'tags' needs objects, but item 1 of 'tags' holds a string"
+    )
+    with pytest.raises(TransformError, match="but 'tags' holds a number"):
+        body_map.apply({"tags": 3})
+
+
+def test_a_top_level_list_is_mapped_item_by_item() -> None:
+    body_map = BodyMap([{"rename": {"from": "name.full", "to": "name"}}])
+    assert body_map.apply_body(b'[{"name":{"full":"A"}},{"name":{"full":"B"}}]') == (
+        b'[{"name":"A"},{"name":"B"}]'
+    )
+    assert _refusal(body_map.apply_body, b'[{"name":"A"},2]').message == (
+        "a body map needs JSON objects, but item 1 of the top-level list is a number"
+    )
+
+
+def test_body_maps_from_one_list_reverse_it_for_responses() -> None:
+    maps = BodyMaps.from_rules([{"rename": {"from": "a", "to": "b"}}, {"drop": "c"}])
+    assert maps.request == BodyMap([RenameField(("a",), ("b",)), DropField(("c",))])
+    assert maps.response == BodyMap([RenameField(("b",), ("a",))])
+
+
+def test_body_maps_per_direction_are_applied_as_written() -> None:
+    maps = BodyMaps.from_rules({"response": [{"drop": "meta"}]})
+    assert maps.request is None
+    assert maps.response == BodyMap([DropField(("meta",))])
+    assert maps.describe() == "response: drop 'meta'"
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ({"request": "drop a"}, "request: expected a list of field operations"),
+        ({"request": [{"drop": ""}]}, "request: body map op 1: expected a dotted path"),
+        ({"requests": []}, "expected a list of field operations, or {request"),
+        ({}, "expected a list of field operations, or {request"),
+        ([{"each": {"path": "a", "map": []}}], "each map must be a list of field"),
+        (
+            [{"each": {"path": "a", "map": [{"move": 1}]}}],
+            "body map op 1 op 1: unknown operation 'move'",
+        ),
+    ],
+)
+def test_bad_body_maps_are_refused_naming_the_direction_and_step(
+    value: Any, message: str
+) -> None:
+    with pytest.raises(ValueError) as caught:
+        BodyMaps.from_rules(value)
+    assert message in str(caught.value)
 
 
 @pytest.mark.parametrize(
     ("ops", "message"),
     [
-        ([{"move": "a"}], "body map op 1: unknown operation 'move', expected rename"),
+        (
+            [{"move": "a"}],
+            "body map op 1: unknown operation 'move', expected rename, drop, set or each",
+        ),
         ([{"drop": "a"}, "drop a"], "body map op 2: expected one of"),
         ([{"drop": "a", "set": {}}], "body map op 1: expected one of"),
         ([{"rename": {"from": "a"}}], "body map op 1: rename needs exactly the keys"),
@@ -886,11 +999,11 @@ def test_a_bad_operation_is_refused_naming_it(ops: list[Any], message: str) -> N
     assert message in str(caught.value)
 
 
-def test_a_map_applies_only_to_an_object() -> None:
+def test_a_map_applies_only_to_an_object_or_a_list_of_them() -> None:
     with pytest.raises(
-        TransformError, match="a body map needs a JSON object, got a list"
+        TransformError, match="a body map needs a JSON object, got a string"
     ):
-        BodyMap([{"drop": "a"}]).apply([1])
+        BodyMap([{"drop": "a"}]).apply("a")
 
 
 def test_apply_body_maps_json_bytes() -> None:
@@ -944,4 +1057,194 @@ def test_a_body_map_and_json_to_xml_give_a_v2_answer_the_v1_shape() -> None:
     assert json_to_xml(to_v1.apply_body(v2)) == DECLARATION + (
         b'<user id="7"><name>Ann</name><email>a@example.org</email>'
         b"<active>true</active></user>"
+    )
+
+
+# What converts, in which order: the pipeline the proxy, shadow and CLI share
+
+
+@pytest.mark.parametrize(
+    ("name", "content_type", "converts"),
+    [
+        ("xml_to_json", None, True),
+        ("xml_to_json", b"", True),
+        ("xml_to_json", b"application/xml; charset=utf-8", True),
+        ("xml_to_json", b"application/atom+xml", True),
+        ("xml_to_json", b"multipart/form-data; boundary=xmlpart", False),
+        (
+            "xml_to_json",
+            b"application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+            False,
+        ),
+        ("xml_to_json", b"application/xml-dtd", False),
+        ("json_to_xml", b"application/json", True),
+        ("json_to_xml", b"application/jsonlines", False),
+        ("json_to_xml", b"text/plain; format=json", False),
+    ],
+)
+def test_accepts_goes_by_the_media_type(
+    name: str, content_type: bytes | None, converts: bool
+) -> None:
+    assert pipeline.accepts(name, content_type) is converts
+
+
+def _transform(**values: Any) -> Transform:
+    body = values.pop("body", None)
+    maps = BodyMaps.from_rules(body) if body is not None else None
+    return Transform(body=maps, **values)
+
+
+def test_the_body_map_runs_on_the_json_side_of_each_conversion() -> None:
+    rename = [{"rename": {"from": "user_name", "to": "user.name"}}]
+    to_xml = _transform(request="json_to_xml", response="xml_to_json", body=rename)
+
+    sent = pipeline.convert_request(to_xml, b'{"user_name": "Ann"}')
+    answered = pipeline.convert_response(to_xml, b"<user><name>Bob</name></user>")
+
+    assert sent == DECLARATION + b"<user><name>Ann</name></user>"
+    assert orjson.loads(answered) == {"user_name": "Bob"}
+    assert pipeline.request_content_type(to_xml) == b"application/xml"
+    assert pipeline.response_content_type(to_xml) == b"application/json"
+
+
+def test_a_one_way_body_map_holds_only_that_direction() -> None:
+    only_back = _transform(body={"response": [{"drop": "meta"}]})
+
+    assert not pipeline.converts_request(only_back, b"application/json")
+    assert pipeline.converts_response(only_back, b"application/json")
+    assert not pipeline.converts_response(only_back, b"text/html")
+    assert pipeline.converts_responses(only_back)
+    assert pipeline.convert_response(only_back, b'{"id":1,"meta":{}}') == b'{"id":1}'
+    assert not pipeline.converts_responses(_transform(request="xml_to_json"))
+
+
+# Large bodies convert in threads
+
+
+@pytest_twisted.ensureDeferred
+async def test_small_bodies_convert_inline_and_large_ones_in_a_thread() -> None:
+    pool = ConversionPool(reactor, inline_limit=8)
+    try:
+        assert pool.run(bytes.upper, b"small") == b"SMALL"
+        with pytest.raises(TransformError):
+            pool.run(xml_to_json, b"<bad")
+        converted = pool.run(bytes.upper, b"rather large")
+        assert isinstance(converted, Deferred)
+        assert pool.busy == 1
+        assert await converted == b"RATHER LARGE"
+        assert pool.busy == 0
+    finally:
+        pool.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_full_pool_refuses_new_requests_but_takes_answers() -> None:
+    release = threading.Event()
+
+    def slow(body: bytes) -> bytes:
+        release.wait(5)
+        return body
+
+    pool = ConversionPool(reactor, threads=1, inline_limit=0, max_waiting=1)
+    try:
+        first = pool.run(slow, b"one")
+        with pytest.raises(TransformError) as caught:
+            pool.run(slow, b"two")
+        assert (caught.value.status, caught.value.reason) == (503, "busy")
+        answer = pool.run(slow, b"three", may_refuse=False)
+        release.set()
+        assert await first == b"one"
+        assert await answer == b"three"
+    finally:
+        release.set()
+        pool.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_conversion_in_a_thread_fails_its_deferred() -> None:
+    pool = ConversionPool(reactor, inline_limit=0)
+    try:
+        failed = pool.run(xml_to_json, b"<a>")
+        with pytest.raises(TransformError, match="malformed XML"):
+            await failed
+        assert pool.busy == 0
+    finally:
+        pool.close()
+
+
+# Rule-file checks for transforms
+
+
+@pytest.mark.parametrize(
+    ("transform", "problem"),
+    [
+        (
+            "{body: {request: [{drop: ''}]}}",
+            "rules.yaml:8: routes[0].transform.body.request: body map op 1: "
+            "expected a dotted path like 'name.full', got ''",
+        ),
+        (
+            "{body: {upstream: []}}",
+            "rules.yaml:8: routes[0].transform.body: expected a list of field "
+            "operations, or {request: [...], response: [...]}",
+        ),
+    ],
+)
+def test_a_bad_body_map_names_file_line_and_key(
+    tmp_path: Path, transform: str, problem: str
+) -> None:
+    path = tmp_path / "rules.yaml"
+    path.write_text(_rules_with(f"    transform: {transform}\n"))
+
+    with pytest.raises(ConfigError) as caught:
+        load_rules(path)
+
+    assert problem in str(caught.value).replace(str(tmp_path) + "/", "")
+
+
+def test_a_shadow_transform_max_body_is_refused_naming_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "rules.yaml"
+    path.write_text(
+        _rules_with(
+            "    shadow:\n"
+            "      to: svc\n"
+            "      transform:\n"
+            "        request: xml_to_json\n"
+            "        max_body: 20MiB\n"
+        )
+    )
+
+    with pytest.raises(ConfigError) as caught:
+        load_rules(path)
+
+    assert (
+        "rules.yaml:12: routes[0].shadow.transform.max_body: a shadow copies and "
+        "converts bodies up to its own max_body; set shadow.max_body instead"
+    ) in str(caught.value)
+
+
+def test_location_false_is_kept_and_a_regex_rewrite_cannot_restore_it(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "rules.yaml"
+    path.write_text(_rules_with("    rewrite: {prefix: /a, to: /b, location: false}\n"))
+    rewrite = load_rules(path).routes[0].split[0].rewrite
+    assert rewrite is not None and rewrite.location is False
+
+    path.write_text(
+        _rules_with("    rewrite: {regex: '^/a', to: /b, location: true}\n")
+    )
+    with pytest.raises(ConfigError, match="a regex rewrite cannot be undone"):
+        load_rules(path)
+
+
+def _rules_with(route_lines: str) -> str:
+    return (
+        "listen: 127.0.0.1:0\n"
+        "upstreams:\n"
+        "  svc: {targets: ['http://127.0.0.1:9']}\n"
+        "default: svc\n"
+        "routes:\n"
+        "  - name: r\n"
+        "    to: svc\n" + route_lines
     )

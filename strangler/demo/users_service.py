@@ -141,34 +141,28 @@ def _user_json(user: DemoUser) -> dict[str, Any]:
 
 
 def _user_from_json(body: bytes, user_id: int) -> DemoUser:
-    """A new user from a JSON body; ValueError says what is wrong with it.
+    """A new user from a v2 JSON body; ValueError says what is wrong with it.
 
-    Besides the v2 shape this takes what an XML-to-JSON translation of a v1
-    `<user>` body looks like: wrapped in `{"user": ...}`, a plain string name
-    and `"true"`/`"false"` as text. The translation cannot know the v2
-    contract, and the demo should work with it.
+    Only the v2 shape is accepted: `{"name": {"full": ...}, "email": ...,
+    "active": true}`, with `active` optional. A v1-shaped body (a plain
+    string name, a `{"user": ...}` wrapper) is refused, as a real v2 service
+    would: fitting old clients to the new contract is the gateway's job.
     """
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise ValueError(f"body must be JSON: {exc}") from exc
-    if isinstance(data, dict) and list(data) == ["user"]:
-        data = data["user"]
     if not isinstance(data, dict):
         raise ValueError(f"body must be a JSON object, got {type(data).__name__}")
 
     raw_name = data.get("name")
-    name = raw_name.get("full") if isinstance(raw_name, dict) else raw_name
+    name = raw_name.get("full") if isinstance(raw_name, dict) else None
     if not isinstance(name, str) or not name.strip():
-        raise ValueError(
-            f'name must be {{"full": "..."}} or a non-empty string, got {raw_name!r}'
-        )
+        raise ValueError(f'name must be {{"full": "..."}}, got {raw_name!r}')
     email = data.get("email")
     if not isinstance(email, str) or "@" not in email:
         raise ValueError(f"email must be an e-mail address, got {email!r}")
     active = data.get("active", True)
-    if active in ("true", "false"):
-        active = active == "true"
     if not isinstance(active, bool):
         raise ValueError(f"active must be true or false, got {active!r}")
     return DemoUser(user_id, name.strip(), email.strip(), active)

@@ -28,12 +28,12 @@ from strangler.errors import (
 from strangler.proxy import headers as hdr
 from strangler.proxy.header_edits import edit_request, edit_response
 from strangler.proxy.hooks import ShadowTap, Verdict
+from strangler.proxy.redirects import restore_location
 from strangler.proxy.responses import error_response
 from strangler.security.paths import PathError, normalise_path
 from strangler.security.request_head import framing_problem, host_problem
 from strangler.stickiness import new_cookie_key, set_cookie_header, sticky_key
-from strangler.transforms import TransformError
-from strangler.transforms.xml_json import TRANSFORMS, content_type_for
+from strangler.transforms import TransformError, pipeline
 
 if TYPE_CHECKING:
     from strangler.balancing import TargetState
@@ -54,38 +54,20 @@ _PASS_ON_101 = frozenset({b"upgrade", b"connection"})
 _REPLACED_BY_TRANSFORM = frozenset(
     {b"content-type", b"content-length", b"transfer-encoding", b"content-encoding"}
 )
-_INPUT_MARK = {"xml_to_json": b"xml", "json_to_xml": b"json"}
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 log = structlog.get_logger("strangler.proxy")
 
 
-def accepts(transform: str, content_type: bytes | None) -> bool:
-    """Whether a body of this type is what the transform converts.
+def _as_converted(transform: Transform, headers: hdr.Headers) -> hdr.Headers:
+    """A HEAD answer's headers as the converted GET answer would carry them.
 
-    A body with no `Content-Type` is converted (old clients often omit it);
-    a body declared as something else passes through untouched.
+    The converted length is unknown without the body, so `Content-Length`
+    goes; the type is what the conversion writes.
     """
-    if not content_type:
-        return True
-    return _INPUT_MARK[transform] in content_type.lower()
-
-
-def _converts_request(transform: Transform, content_type: bytes | None) -> bool:
-    """Whether a request body must be held for this transform."""
-    if transform.request is not None:
-        return accepts(transform.request, content_type)
-    return transform.body is not None and accepts("json_to_xml", content_type)
-
-
-def _converts_response(transform: Transform, content_type: bytes | None) -> bool:
-    """Whether a response body must be held for this transform."""
-    if transform.response is not None:
-        return accepts(transform.response, content_type)
-    return (
-        transform.body is not None
-        and transform.body.reversible
-        and accepts("json_to_xml", content_type)
-    )
+    kept = [(n, v) for n, v in headers if n.lower() not in _REPLACED_BY_TRANSFORM]
+    kept.append((b"Content-Type", pipeline.response_content_type(transform)))
+    return kept
 
 
 def _find(headers: hdr.Headers, lname: bytes) -> bytes | None:
@@ -271,14 +253,14 @@ class Exchange:
             self.tap = plan.shadow.tap(self)
         self._edit_request_headers()
         transform = self.branch.entry.transform
-        if transform is not None and (transform.response or transform.body) is not None:
+        if transform is not None and pipeline.converts_responses(transform):
             # The body must arrive uncompressed to be converted.
             self.kept = [e for e in self.kept if e[0] != b"accept-encoding"]
             self.head_bytes = self._render_head()
         if (
             transform is not None
             and self.body_kind != NO_BODY
-            and _converts_request(transform, self.header_value(b"content-type"))
+            and pipeline.converts_request(transform, self.header_value(b"content-type"))
         ):
             self._buffer_request(transform.max_body)
             return
@@ -296,7 +278,11 @@ class Exchange:
         self.head_bytes = self._render_head()
 
     def _buffer_request(self, max_body: int) -> None:
-        """Hold the whole body for a request transform, refusing oversize early."""
+        """Hold the whole body for a request transform, refusing oversize early.
+
+        The gateway answers `Expect: 100-continue` itself: the upstream sees
+        the request only once the converted body is ready, so it cannot.
+        """
         if self.body_kind == LENGTH and self.content_length > max_body:
             self.reject(413, "body_too_large", f"request body is over {max_body} bytes")
             return
@@ -304,25 +290,60 @@ class Exchange:
         self.pending = []
         self.pending_size = 0
         self.client.resume_reading(self.client.PAUSE_BUFFER)
+        expect = self.header_value(b"expect")
+        if expect is not None and expect.strip().lower() == b"100-continue":
+            self.kept = [e for e in self.kept if e[0] != b"expect"]
+            if self.http11 and not self.request_done and not self.bytes_in:
+                self.client.transport.write(_CONTINUE)
         if self.request_done:
             self._transform_request()
 
     def _transform_request(self) -> None:
+        """Convert the held body, inline or in a worker thread when it is large."""
         assert self.branch is not None and self.request_buffer is not None
         transform = self.branch.entry.transform
         assert transform is not None
         body = b"".join(self.request_buffer)
         self.request_buffer = None
         try:
-            converted = body
-            if transform.request is not None:
-                converted = TRANSFORMS[transform.request](converted)
-            if transform.body is not None:
-                converted = transform.body.apply_body(converted)
+            converted = self.client.gateway.conversions.run(
+                lambda data: pipeline.convert_request(transform, data), body
+            )
         except TransformError as exc:
-            self.reject(exc.status, "request_transform_failed", exc.message)
+            self._request_conversion_refused(exc)
             return
-        content_type = content_type_for(transform.request or "xml_to_json")
+        if isinstance(converted, Deferred):
+            converted.addCallbacks(
+                self._request_converted, self._request_conversion_failed
+            )
+            return
+        self._request_converted(converted)
+
+    def _request_conversion_refused(self, exc: TransformError) -> None:
+        if exc.status == 503:
+            self.reject(503, "transform_busy", exc.message, [(b"Retry-After", b"1")])
+            return
+        self.reject(exc.status, "request_transform_failed", exc.message)
+
+    def _request_conversion_failed(self, failure: Failure) -> None:
+        if self.finished:
+            return  # the client left while the body was converting
+        if failure.check(TransformError):
+            self._request_conversion_refused(failure.value)
+            return
+        log.error(
+            "request_transform_crashed",
+            request_id=self.request_id,
+            route=self.plan.name if self.plan is not None else None,
+            error=failure.getErrorMessage(),
+        )
+        self.reject(500, "internal_error", "the request body could not be converted")
+
+    def _request_converted(self, converted: bytes) -> None:
+        if self.finished:
+            return  # the client left while the body was converting
+        assert self.branch is not None and self.branch.entry.transform is not None
+        content_type = pipeline.request_content_type(self.branch.entry.transform)
         self.kept = [e for e in self.kept if e[0] != b"content-type"]
         self.kept.append((b"content-type", b"Content-Type", content_type))
         self.body_kind = LENGTH
@@ -707,14 +728,15 @@ class Exchange:
         self.status = status
         no_body = self.method == b"HEAD" or status in _NO_BODY_STATUS or status == 101
         transform = self.branch.entry.transform if self.branch is not None else None
-        if (
-            transform is not None
-            and not no_body
-            and _converts_response(transform, _find(headers, b"content-type"))
+        if transform is not None and pipeline.converts_response(
+            transform, _find(headers, b"content-type")
         ):
-            self.response_saved = (status, reason, headers)
-            self.response_buffer = []
-            return
+            if not no_body:
+                self.response_saved = (status, reason, headers)
+                self.response_buffer = []
+                return
+            if self.method == b"HEAD" and status not in _NO_BODY_STATUS:
+                headers = _as_converted(transform, headers)
         self._write_response_head(status, reason, headers, no_body)
 
     def _can_fall_back(self) -> bool:
@@ -753,6 +775,16 @@ class Exchange:
     ) -> None:
         self.response_started = True
         branch = self.branch
+        if branch is not None and branch.entry.rewrite is not None:
+            rewrite = branch.entry.rewrite
+            if (
+                rewrite.prefix is not None
+                and rewrite.location
+                and self.pool is not None
+            ):
+                headers = restore_location(
+                    headers, rewrite, self.host, self.pool.state.target
+                )
         if branch is not None and branch.entry.headers is not None:
             edits = branch.entry.headers.response
             if edits is not None and self.plan is not None:
@@ -823,10 +855,7 @@ class Exchange:
                 conn, self.conn = self.conn, None
                 if conn is not None:
                     conn.abort()
-                self.upstream_failed(
-                    ResponseTransformError(f"response body is over {limit} bytes"),
-                    False,
-                )
+                self._response_unconvertible(f"response body is over {limit} bytes")
             return
         self.bytes_out += len(data)
         if self.tap is not None:
@@ -849,6 +878,7 @@ class Exchange:
         self._finish()
 
     def _transform_response(self) -> None:
+        """Convert the held answer, inline or in a worker thread when it is large."""
         assert self.branch is not None and self.response_saved is not None
         transform = self.branch.entry.transform
         assert transform is not None
@@ -856,35 +886,60 @@ class Exchange:
         body = b"".join(self.response_buffer)
         self.response_buffer = None
         try:
-            converted = body
-            if transform.body is not None and transform.body.reversible:
-                converted = transform.body.reverse().apply_body(converted)
-            if transform.response is not None:
-                converted = TRANSFORMS[transform.response](converted)
-        except TransformError as exc:
-            log.error(
-                "response_transform_failed",
-                request_id=self.request_id,
-                route=self.plan.name if self.plan is not None else None,
-                upstream=self.branch.entry.to,
-                reason=exc.message,
+            # The upstream has answered, so the answer is never refused as busy.
+            converted = self.client.gateway.conversions.run(
+                lambda data: pipeline.convert_response(transform, data),
+                body,
+                may_refuse=False,
             )
-            self.upstream_failed(
-                ResponseTransformError(
-                    f"the upstream's answer could not be converted: {exc.message}"
-                ),
-                False,
+        except TransformError as exc:
+            self._response_unconvertible(exc.message)
+            return
+        if isinstance(converted, Deferred):
+            converted.addCallbacks(
+                self._response_converted, self._response_conversion_failed
             )
             return
+        self._response_converted(converted)
+
+    def _response_unconvertible(self, reason: str) -> None:
+        """The upstream's answer cannot reach the client converted: log it, 502."""
+        assert self.branch is not None
+        log.error(
+            "response_transform_failed",
+            request_id=self.request_id,
+            route=self.plan.name if self.plan is not None else None,
+            upstream=self.branch.entry.to,
+            reason=reason,
+        )
+        self.upstream_failed(
+            ResponseTransformError(
+                f"the upstream's answer could not be converted: {reason}"
+            ),
+            False,
+        )
+
+    def _response_conversion_failed(self, failure: Failure) -> None:
+        if self.finished:
+            return  # the client left while the answer was converting
+        if failure.check(TransformError):
+            self._response_unconvertible(failure.value.message)
+            return
+        self._response_unconvertible(f"internal error: {failure.getErrorMessage()}")
+
+    def _response_converted(self, converted: bytes) -> None:
+        if self.finished:
+            return  # the client left while the answer was converting
+        assert self.branch is not None and self.response_saved is not None
+        transform = self.branch.entry.transform
+        assert transform is not None
         status, reason, headers = self.response_saved
         headers = [
             (name, value)
             for name, value in headers
             if name.lower() not in _REPLACED_BY_TRANSFORM
         ]
-        headers.append(
-            (b"Content-Type", content_type_for(transform.response or "xml_to_json"))
-        )
+        headers.append((b"Content-Type", pipeline.response_content_type(transform)))
         headers.append((b"Content-Length", b"%d" % len(converted)))
         self._write_response_head(status, reason, headers, False)
         self.bytes_out += len(converted)
