@@ -300,6 +300,7 @@ class Limits:
     max_header_bytes: int = 16 * 1024
     max_headers: int = 100
     max_body: int | None = None
+    client_body_timeout: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)

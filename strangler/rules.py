@@ -1534,6 +1534,7 @@ def _admin(checker: _Checker, value: Any, path: KeyPath) -> Admin | None:
 
 _LIMITS = {
     "client_header_timeout": _duration,
+    "client_body_timeout": _duration,
     "max_header_bytes": _positive_size,
     "max_headers": _whole_number(1),
     "max_body": _size,
