@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
+from cli_support import ServeProcess
 from security_support import auth_rules, get, send, write_keys
 from support import header_values
 from twisted.internet import reactor
@@ -288,3 +289,93 @@ async def test_unreachable_redis_fails_open_by_default(
 
     assert statuses == [200, 429]
     assert len(backend.requests) == 1
+
+
+def _worker_of(raw: bytes) -> bytes:
+    """The process that answered: request ids start with a per-process prefix."""
+    return header_values(raw, b"x-request-id")[0].rsplit(b"-", 1)[0]
+
+
+def _worker_rules(tmp_path: Path, backend: str, state: str) -> Path:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(f"""
+listen: 127.0.0.1:0
+access_log: false
+{state}
+upstreams: {{monolith: {{targets: [{backend}]}}}}
+default: monolith
+routes:
+  - name: warm
+    match: {{path: /warm}}
+    to: monolith
+    rate_limit: {{rate: 1000/s, burst: 1000, per: ip}}
+  - name: limited
+    match: {{path: /limited}}
+    to: monolith
+    rate_limit: {{rate: 1/m, burst: 3, per: ip}}
+""")
+    return rules
+
+
+async def _both_workers_ready(port: int) -> set[bytes]:
+    """Send until both workers have answered 200 (with `deny`, 503 before Redis)."""
+    ready: set[bytes] = set()
+    for _ in range(300):
+        status, raw = await send(port, get("/warm"))
+        if status == 200:
+            ready.add(_worker_of(raw))
+        if len(ready) == 2:
+            break
+    return ready
+
+
+@ensure
+async def test_workers_of_one_gateway_share_one_limit_through_redis(
+    shared_redis, prefix, backends, tmp_path
+):
+    backend = backends("monolith")
+    state = f"state: {{redis: '{shared_redis.url}', on_state_error: deny, prefix: {prefix}}}"
+    serve = ServeProcess(
+        _worker_rules(tmp_path, backend.url, state), args=("--workers", "2")
+    )
+    try:
+        ready = await _both_workers_ready(serve.port)
+        limited: list[tuple[int, bytes]] = []
+        for _ in range(80):
+            status, raw = await send(serve.port, get("/limited"))
+            limited.append((status, _worker_of(raw)))
+            if len(limited) >= 12 and len({w for _s, w in limited}) == 2:
+                break
+    finally:
+        code = serve.stop()
+
+    assert len(ready) == 2
+    assert len({worker for _status, worker in limited}) == 2  # both took part
+    statuses = [status for status, _worker in limited]
+    assert statuses[:3] == [200] * 3
+    assert set(statuses[3:]) == {429}
+    assert sum(r["uri"] == "/limited" for r in backend.requests) == 3
+    assert code == 0
+
+
+@ensure
+async def test_without_redis_each_worker_limits_on_its_own(backends, tmp_path):
+    """The documented limitation (docs/limitations.md): buckets per worker."""
+    backend = backends("monolith")
+    serve = ServeProcess(
+        _worker_rules(tmp_path, backend.url, ""), args=("--workers", "2")
+    )
+    try:
+        ready = await _both_workers_ready(serve.port)
+        per_worker: dict[bytes, list[int]] = {}
+        for _ in range(80):
+            status, raw = await send(serve.port, get("/limited"))
+            per_worker.setdefault(_worker_of(raw), []).append(status)
+            if len(per_worker) == 2 and all(len(s) >= 4 for s in per_worker.values()):
+                break
+    finally:
+        serve.stop()
+
+    assert len(ready) == 2
+    assert [statuses.count(200) for statuses in per_worker.values()] == [3, 3]
+    assert sum(r["uri"] == "/limited" for r in backend.requests) == 6
