@@ -79,6 +79,18 @@ class Outlier:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamTls:
+    """How an upstream's `https://` targets are verified: the CAs to trust.
+
+    `ca_pem` holds the certificates read from `ca` when the rule file was
+    loaded; they replace the system's trust store for this upstream only.
+    """
+
+    ca: Path
+    ca_pem: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class Upstream:
     """A named pool of targets and how to balance across them."""
 
@@ -92,6 +104,7 @@ class Upstream:
     outlier: Outlier = field(default_factory=Outlier)
     max_connections: int | None = None
     max_pending: int | None = None
+    tls: UpstreamTls | None = None
 
 
 @dataclass(frozen=True, slots=True)
