@@ -20,10 +20,18 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from cli_support import ServeProcess
-from security_support import auth_rules, get, send, write_keys
+from security_support import (
+    ADMIN_KEY,
+    MOBILE_KEY,
+    auth_rules,
+    get,
+    send,
+    write_keys,
+)
+from structlog.testing import capture_logs
 from support import header_values
-from twisted.internet import reactor
-from twisted.internet.task import deferLater
+from twisted.internet import protocol, reactor
+from twisted.internet.task import Clock, deferLater
 
 ensure = pytest_twisted.ensureDeferred
 
@@ -379,3 +387,100 @@ async def test_without_redis_each_worker_limits_on_its_own(backends, tmp_path):
     assert len(ready) == 2
     assert [statuses.count(200) for statuses in per_worker.values()] == [3, 3]
     assert sum(r["uri"] == "/limited" for r in backend.requests) == 6
+
+
+@ensure
+async def test_consumer_limit_in_redis_is_shared_by_two_gateways(
+    shared_redis, prefix, backends, gateway, tmp_path, closing
+):
+    write_keys(tmp_path)
+    backend = backends("monolith")
+    text = auth_rules(
+        backend.url,
+        extra=f"state: {{redis: '{shared_redis.url}', prefix: {prefix}}}",
+    ).replace(
+        "    scopes: [users:read]\n  admin-tool:",
+        "    scopes: [users:read]\n"
+        "    rate_limit: {rate: 1/m, burst: 2}\n  admin-tool:",
+    )
+    first, second = gateway(text), gateway(text)
+    closing += [first, second]
+    await until(
+        lambda: _connected(first) and _connected(second), "both gateways on Redis"
+    )
+
+    answers = [
+        await send(gw.port, get(f"/keys/{i}", f"X-Api-Key: {MOBILE_KEY}"))
+        for i, gw in enumerate((first, second, first, second))
+    ]
+    other, _ = await send(second.port, get("/keys/admin", f"X-Api-Key: {ADMIN_KEY}"))
+
+    assert [status for status, _ in answers] == [200, 200, 429, 429]
+    assert [header_values(raw, b"ratelimit-remaining") for _s, raw in answers] == [
+        [b"1"],
+        [b"0"],
+        [b"0"],
+        [b"0"],
+    ]
+    assert other == 200  # admin-tool has no limit of its own
+    assert shared_redis.keys(f"{prefix}:rl:*") == [f"{prefix}:rl:c:mobile-app"]
+    assert [r["uri"] for r in backend.requests] == ["/keys/0", "/keys/1", "/keys/admin"]
+    assert first.server.gateway.state.gate.counters.state_errors == 0
+
+
+class _SilentRedis(protocol.Protocol):
+    """Accepts commands and never answers: a Redis that hangs."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.factory.commands += data.count(b"EVAL")
+
+
+@ensure
+async def test_hung_redis_falls_back_after_its_timeout_and_logs_once(
+    backends, gateway, tmp_path, closing
+):
+    write_keys(tmp_path)
+    backend = backends("monolith")
+    factory = protocol.Factory.forProtocol(_SilentRedis)
+    factory.commands = 0
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    try:
+        url = f"redis://127.0.0.1:{port.getHost().port}/0"
+        gw = gateway(_shared_rules(backend.url, url, "{rate: 1/m, burst: 2, per: ip}"))
+        closing.append(gw)
+        await until(lambda: _connected(gw), "the gateway connected to the hung Redis")
+        with capture_logs() as logs:
+            statuses = [(await send(gw.port, get("/shared")))[0] for _ in range(4)]
+    finally:
+        await port.stopListening()
+
+    assert statuses == [200, 200, 429, 429]  # the local limit, same numbers
+    assert factory.commands >= 1  # Redis was asked, and never answered
+    counters = gw.server.gateway.state.gate.counters
+    assert counters.state_errors == 4
+    warnings = [e for e in logs if e["event"] == "shared_state_unavailable"]
+    assert len(warnings) == 1
+    assert warnings[0]["action"] == "local limits"
+    assert len(backend.requests) == 2
+
+
+def test_shared_state_errors_are_logged_at_most_once_a_minute(tmp_path):
+    from strangler.rules import parse_rules
+    from strangler.security.gate import Gate
+
+    write_keys(tmp_path)
+    rules = parse_rules(
+        auth_rules("http://127.0.0.1:1"), str(tmp_path / "rules.yaml"), {}
+    )
+    clock = Clock()
+    gate = Gate(rules, clock)
+
+    logged = []
+    with capture_logs() as logs:
+        for second in (0, 1, 30, 59, 60, 61, 130):
+            clock.advance(second - clock.seconds())
+            gate._state_error("down")
+            logged.append(len(logs))
+
+    assert logged == [1, 1, 1, 1, 2, 2, 3]
+    assert gate.counters.state_errors == 7
