@@ -7,6 +7,7 @@ import ipaddress
 import json
 import subprocess
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import pytest_twisted
@@ -25,6 +26,7 @@ from security_support import (
     forged,
     get,
     hs256_with,
+    paced_exchange,
     public_pem,
     seen_headers,
     token,
@@ -41,9 +43,43 @@ from strangler.security.tls import tls_factory
 ensure = pytest_twisted.ensureDeferred
 
 
-def _cases() -> list[tuple[str, bytes, int]]:
-    """(request id, raw request, expected status); valid ones carry `ok` in the id."""
-    cases: list[tuple[str, bytes, int]] = []
+SPOOF = ("X-Consumer: admin-tool", "X-User-Id: root", "X-CONSUMER: root")
+LIMITED_ROUTE = """
+  - name: limited
+    match: {path: /limited}
+    to: monolith
+    auth: none
+    rate_limit: {rate: 1/m, burst: 5, per: ip}
+"""
+LIMITED_BURST = 5
+
+
+@dataclass(frozen=True)
+class _Case:
+    """One request of the mixed load and what must come of it.
+
+    `status` None means 200 or 429, decided by the order the limited route
+    sees them in. `identity` is what the upstream must see in `X-Consumer`
+    and `X-User-Id` (absent when None). `split` sends the request in
+    several TCP segments, cut in the request line, in a header and in the
+    blank line.
+    """
+
+    rid: str
+    payload: bytes
+    status: int | None
+    identity: tuple[str | None, str | None] = (None, None)
+    split: bool = False
+
+
+def _pieces(payload: bytes) -> list[bytes]:
+    cuts = sorted({2, len(payload) // 3, len(payload) // 2, len(payload) - 3})
+    return [
+        payload[a:b] for a, b in zip([0, *cuts], [*cuts, len(payload)], strict=True)
+    ]
+
+
+def _cases() -> list[_Case]:
     hostile = [
         (get("/keys/{i}", "X-Api-Key: wrong-key-0000000000000"), 401),
         (get("/tokens/{i}", f"Authorization: Bearer {token(key=OTHER_KEY)}"), 401),
@@ -72,21 +108,58 @@ def _cases() -> list[tuple[str, bytes, int]]:
         ),
         (b"GET /keys/{i} HTTP/1.1\r\nHost: gw.test\r\nX: a\r\n folded\r\n\r\n", 400),
         (b"GET /keys/{i} HTTP/1.1\r\nHost: a b\r\n\r\n", 400),
+        # Claiming an identity instead of proving one.
+        (get("/admin/{i}", *SPOOF), 401),
+        (get("/tokens/{i}", "X-Consumer: u-9", "X-User-Id: u-9"), 401),
     ]
-    valid = [
-        get("/keys/{i}", f"X-Api-Key: {MOBILE_KEY}"),
-        get("/admin/{i}", f"X-Api-Key: {ADMIN_KEY}"),
-        get("/tokens/{i}", f"Authorization: Bearer {token()}"),
-        get("/api/v1/users/{i}", f"Authorization: Bearer {token(claims(sub='u-9'))}"),
-        get("/open/{i}"),
+    valid: list[tuple[bytes, tuple[str | None, str | None]]] = [
+        (get("/keys/{i}", f"X-Api-Key: {MOBILE_KEY}"), ("mobile-app", None)),
+        (get("/admin/{i}", f"X-Api-Key: {ADMIN_KEY}"), ("admin-tool", None)),
+        (
+            get("/tokens/{i}", f"Authorization: Bearer {token()}"),
+            ("user-42", "user-42"),
+        ),
+        (
+            get(
+                "/api/v1/users/{i}", f"Authorization: Bearer {token(claims(sub='u-9'))}"
+            ),
+            ("u-9", "u-9"),
+        ),
+        (get("/open/{i}"), (None, None)),
+        # Spoofed identity headers on valid requests: removed, never believed.
+        (get("/keys/{i}", f"X-Api-Key: {MOBILE_KEY}", *SPOOF), ("mobile-app", None)),
+        (
+            get(
+                "/keys/{i}",
+                f"X-Api-Key: {MOBILE_KEY}",
+                "X-Consumer: admin-tool",
+                "Connection: X-Consumer",
+            ),
+            ("mobile-app", None),
+        ),
+        (
+            get(
+                "/tokens/{i}",
+                f"Authorization: Bearer {token(claims(sub='u-5'))}",
+                *SPOOF,
+            ),
+            ("u-5", "u-5"),
+        ),
+        (get("/open/{i}", *SPOOF), (None, None)),
     ]
+    cases: list[_Case] = []
     for i in range(30):
-        for j, template in enumerate(valid):
+        for j, (template, identity) in enumerate(valid):
             rid = f"ok-{i}-{j}"
-            cases.append((rid, template.replace(b"{i}", rid.encode()), 200))
+            payload = template.replace(b"{i}", rid.encode())
+            cases.append(_Case(rid, payload, 200, identity, split=(i + j) % 3 == 0))
         for j, (template, status) in enumerate(hostile):
             rid = f"bad-{i}-{j}"
-            cases.append((rid, template.replace(b"{i}", rid.encode()), status))
+            cases.append(_Case(rid, template.replace(b"{i}", rid.encode()), status))
+        # A client rotating X-Forwarded-For to dodge a per-IP limit.
+        rid = f"xff-{i}"
+        rotating = get(f"/limited/{rid}", f"X-Forwarded-For: 198.51.100.{i + 1}")
+        cases.append(_Case(rid, rotating, None))
     return cases
 
 
@@ -96,26 +169,38 @@ async def test_mixed_load_never_lets_a_hostile_request_through_or_fails_a_valid_
 ):
     write_keys(tmp_path)
     backend = backends("monolith")
-    gw = gateway(auth_rules(backend.url))
+    gw = gateway(auth_rules(backend.url, routes=LIMITED_ROUTE))
     cases = _cases()
 
     results: dict[str, int] = {}
     for start in range(0, len(cases), 25):
         batch = cases[start : start + 25]
         answers = await defer.gatherResults(
-            [raw_exchange(gw.port, payload) for _rid, payload, _status in batch]
+            [
+                paced_exchange(gw.port, _pieces(case.payload), gap=0.005)
+                if case.split
+                else raw_exchange(gw.port, case.payload)
+                for case in batch
+            ]
         )
-        for (rid, _payload, _status), raw in zip(batch, answers, strict=True):
-            results[rid] = status_of(raw)
+        for case, raw in zip(batch, answers, strict=True):
+            results[case.rid] = status_of(raw)
 
-    assert {rid: results[rid] for rid, _p, _s in cases} == {
-        rid: s for rid, _p, s in cases
-    }
-    reached = sorted(r["uri"].rsplit("/", 1)[1] for r in backend.requests)
-    assert reached == sorted(rid for rid, _p, _s in cases if rid.startswith("ok-"))
-    for request in backend.requests:
-        headers = seen_headers(request)
-        assert len(headers.get("x-consumer", [])) <= 1
+    fixed = [case for case in cases if case.status is not None]
+    assert {c.rid: results[c.rid] for c in fixed} == {c.rid: c.status for c in fixed}
+    rotating = [case.rid for case in cases if case.status is None]
+    passed = sorted(rid for rid in rotating if results[rid] == 200)
+    assert len(passed) == LIMITED_BURST
+    assert {results[rid] for rid in rotating} == {200, 429}
+
+    seen = {r["uri"].rsplit("/", 1)[1]: seen_headers(r) for r in backend.requests}
+    expected = {c.rid: c.identity for c in fixed if c.status == 200}
+    assert sorted(seen) == sorted([*expected, *passed])
+    for rid, identity in expected.items():
+        headers = seen[rid]
+        assert (headers.get("x-consumer"), headers.get("x-user-id")) == tuple(
+            None if value is None else [value] for value in identity
+        ), rid
 
 
 def _self_signed(tmp_path: Any) -> tuple[bytes, Any]:
