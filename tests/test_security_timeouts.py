@@ -24,10 +24,10 @@ from strangler.rules import load_rules
 ensure = pytest_twisted.ensureDeferred
 
 
-def rules(backend: str, limits: str) -> str:
+def rules(backend: str, limits: str, access_log: bool = True) -> str:
     return f"""
 listen: 127.0.0.1:0
-access_log: true
+access_log: {"true" if access_log else "false"}
 limits: {limits}
 upstreams:
   monolith:
@@ -166,7 +166,7 @@ class _Client(StringTransport):
 
 def _connection(tmp_path: Any, limits: str) -> tuple[Any, MemoryReactorClock, Any]:
     path = tmp_path / "rules.yaml"
-    path.write_text(rules("http://127.0.0.1:9", limits).replace("true", "false"))
+    path.write_text(rules("http://127.0.0.1:9", limits, access_log=False))
     clock = MemoryReactorClock()
     gateway = Gateway(load_rules(path), clock)
     conn = GatewayFactory(gateway).buildProtocol(None)
