@@ -31,7 +31,7 @@ class ShadowRegistry:
     ) -> None:
         self.reactor = reactor
         self.routes: dict[str, RouteStats] = {}
-        self.pools: dict[tuple[str, str, int], TargetPool] = {}
+        self.pools: dict[tuple[str, str, int, UpstreamTls | None], TargetPool] = {}
         self.redactor = Redactor(secret_headers)
 
     def stats_for(self, route: str) -> RouteStats:
