@@ -457,7 +457,7 @@ async def test_https_upstream_whose_certificate_names_another_host_gets_502(
 
     assert status_of(raw) == 502
     assert b'"error":"upstream_tls_error"' in raw
-    assert b"the certificate does not name this host" in raw
+    assert b"the certificate does not name the target's host" in raw
     assert backend.resource.requests == []
 
 

@@ -154,7 +154,8 @@ def handshake_problem(reason: Failure) -> str | None:
     from service_identity import VerificationError
 
     if reason.check(VerificationError):
-        return f"the certificate does not name this host ({reason.value})"
+        # Said without the names involved: the answer goes to the client.
+        return "the certificate does not name the target's host"
     if reason.check(SSL.Error):
         details = reason.value.args[0] if reason.value.args else None
         if isinstance(details, list) and details:
