@@ -52,6 +52,16 @@ class UpstreamConnectError(UpstreamError):
     reason = "upstream_unreachable"
 
 
+class UpstreamTlsError(UpstreamConnectError):
+    """The TLS handshake with an `https://` target failed (often verification).
+
+    Nothing reached the upstream's application, so, like a refused connect,
+    another target may be tried.
+    """
+
+    reason = "upstream_tls_error"
+
+
 class UpstreamTimeout(UpstreamError):
     """The upstream took longer than the configured timeout."""
 

@@ -17,7 +17,7 @@ from typing import Any
 from strangler.balancing import TargetState, make_balancer
 from strangler.health import HealthChecker
 from strangler.metrics import Metrics
-from strangler.model import Route, Rules, SplitEntry, Sticky, Upstream
+from strangler.model import Route, Rules, SplitEntry, Sticky, Upstream, UpstreamTls
 from strangler.outlier import OutlierDetector
 from strangler.proxy.hooks import RequestGate, ShadowSource
 from strangler.proxy.upstream import TargetPool
@@ -44,13 +44,17 @@ class UpstreamRuntime:
         self.model = model
         self.name = model.name
         self.states = [TargetState(target) for target in model.targets]
-        self.pools = {id(state): _make_pool(state, reactor) for state in self.states}
+        self.pools = {
+            id(state): _make_pool(state, reactor, model.tls) for state in self.states
+        }
         self.balancer = make_balancer(
             model.balance, self.states, rng=rng, upstream=model.name
         )
         self.health: HealthChecker | None = None
         if model.health is not None:
-            self.health = HealthChecker(model.name, model.health, self.states, reactor)
+            self.health = HealthChecker(
+                model.name, model.health, self.states, reactor, model.tls
+            )
             self.health.start()
         self.outlier = OutlierDetector(model.name, model.outlier, self.states, reactor)
         self.retry_budget = RetryBudget(reactor)
@@ -103,12 +107,14 @@ class UpstreamRuntime:
             pool.close_idle()
 
 
-def _make_pool(state: TargetState, reactor: Any) -> TargetPool:
+def _make_pool(
+    state: TargetState, reactor: Any, trust: UpstreamTls | None = None
+) -> TargetPool:
     tls = None
     if state.target.scheme == "https":
-        from twisted.internet.ssl import optionsForClientTLS
+        from strangler.security.tls import client_tls_options
 
-        tls = optionsForClientTLS(state.target.host)
+        tls = client_tls_options(state.target.host, trust)
     return TargetPool(state, reactor, tls_options=tls)
 
 

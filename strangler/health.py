@@ -18,7 +18,8 @@ from twisted.internet.task import LoopingCall
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from strangler.balancing import TargetState
-from strangler.model import HealthCheck
+from strangler.model import HealthCheck, UpstreamTls
+from strangler.security.tls import UpstreamTrust
 
 log = structlog.get_logger("strangler.health")
 
@@ -64,13 +65,16 @@ class HealthChecker:
         check: HealthCheck,
         states: Sequence[TargetState],
         reactor: Any,
+        tls: UpstreamTls | None = None,
     ) -> None:
         self.upstream = upstream
         self.check = check
         self.reactor = reactor
         self.targets = [TargetHealth(state) for state in states]
         self._pool = HTTPConnectionPool(reactor, persistent=False)
-        self._client = HTTPClient(Agent(reactor, pool=self._pool))
+        # Probes of https:// targets trust what the proxied requests trust.
+        agent = Agent(reactor, contextFactory=UpstreamTrust(tls), pool=self._pool)
+        self._client = HTTPClient(agent)
         self._loop = LoopingCall(self.probe_all)
         self._loop.clock = reactor
         self._in_flight = 0

@@ -87,6 +87,18 @@ class Outlier:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamTls:
+    """How an upstream's `https://` targets are verified: the CAs to trust.
+
+    `ca_pem` holds the certificates read from `ca` when the rule file was
+    loaded; they replace the system's trust store for this upstream only.
+    """
+
+    ca: Path
+    ca_pem: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class Upstream:
     """A named pool of targets and how to balance across them."""
 
@@ -100,6 +112,7 @@ class Upstream:
     outlier: Outlier = field(default_factory=Outlier)
     max_connections: int | None = None
     max_pending: int | None = None
+    tls: UpstreamTls | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,6 +327,7 @@ class Limits:
     max_header_bytes: int = 16 * 1024
     max_headers: int = 100
     max_body: int | None = None
+    client_body_timeout: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -66,6 +66,7 @@ from strangler.model import (
     Transform,
     TransformName,
     Upstream,
+    UpstreamTls,
 )
 from strangler.security.api_keys import digest_of_entry, keys_in_file
 from strangler.security.jwt_keys import (
@@ -74,7 +75,7 @@ from strangler.security.jwt_keys import (
     keys_from_jwks,
     secret_key,
 )
-from strangler.security.tls import check_tls_pair
+from strangler.security.tls import ca_problem, check_tls_pair
 from strangler.units import parse_duration, parse_size
 from strangler.yaml_source import Document, KeyPath, format_key, load_yaml
 
@@ -573,6 +574,21 @@ def _outlier(checker: _Checker, value: Any, path: KeyPath) -> Outlier | None:
     return Outlier(**values) if values is not None else None
 
 
+def _upstream_tls(checker: _Checker, value: Any, path: KeyPath) -> UpstreamTls | None:
+    """`{ca: FILE}`: PEM certificates that `https://` targets must chain to."""
+    values = checker.fields(value, path, {"ca": _text}, required=("ca",))
+    if values is None:
+        return None
+    found = _read_beside(checker, values["ca"], (*path, "ca"))
+    if found is None:
+        return None
+    problem = ca_problem(found[1])
+    if problem is not None:
+        checker.report((*path, "ca"), problem)
+        return None
+    return UpstreamTls(ca=found[0].resolve(), ca_pem=found[1])
+
+
 _UPSTREAM = {
     "targets": _list_of(_target, non_empty=True),
     "balance": _choice(BALANCE_NAMES),
@@ -583,6 +599,7 @@ _UPSTREAM = {
     "outlier": _outlier,
     "max_connections": _whole_number(1),
     "max_pending": _whole_number(0),
+    "tls": _upstream_tls,
 }
 
 
@@ -604,6 +621,16 @@ def _upstreams(
         valid_name = _name(checker, name, where)
         values = checker.fields(raw, where, _UPSTREAM, required=("targets",))
         if values is not None and not _ring_fits(checker, values, where):
+            values = None
+        if (
+            values is not None
+            and values.get("tls") is not None
+            and not any(t.scheme == "https" for t in values.get("targets", ()))
+        ):
+            checker.report(
+                (*where, "tls"),
+                "tls applies to https:// targets and this upstream has none",
+            )
             values = None
         if valid_name is not None and values is not None:
             upstreams[name] = Upstream(name=name, **values)
@@ -1590,6 +1617,7 @@ def admin_token_required(listen: Address) -> str:
 
 _LIMITS = {
     "client_header_timeout": _duration,
+    "client_body_timeout": _duration,
     "max_header_bytes": _positive_size,
     "max_headers": _whole_number(1),
     "max_body": _size,

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 from support import header_values, raw_exchange, status_of
+from twisted.internet import defer, protocol, reactor
 
 ISSUER = "https://id.example.test"
 AUDIENCE = "strangler"
@@ -180,3 +181,65 @@ def www_authenticate(raw: bytes) -> list[bytes]:
 
 def body_of(raw: bytes) -> dict[str, Any]:
     return json.loads(raw.split(b"\r\n\r\n", 1)[1])
+
+
+class _Paced(protocol.Protocol):
+    """Writes each piece in its own TCP send, `gap` seconds apart."""
+
+    def __init__(
+        self, pieces: list[bytes], gap: float, done: defer.Deferred[bytes]
+    ) -> None:
+        self.pieces = pieces
+        self.gap = gap
+        self.done = done
+        self.received = bytearray()
+        self.calls: list[Any] = []
+
+    def connectionMade(self) -> None:
+        self.transport.setTcpNoDelay(True)
+        for i, piece in enumerate(self.pieces):
+            self.calls.append(reactor.callLater(i * self.gap, self._write, piece))
+
+    def _write(self, piece: bytes) -> None:
+        if self.transport.connected:
+            self.transport.write(piece)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Any = None) -> None:
+        for call in self.calls:
+            if call.active():
+                call.cancel()
+        if not self.done.called:
+            self.done.callback(bytes(self.received))
+
+
+def paced_exchange(
+    port: int, pieces: list[bytes], gap: float, wait: float = 5.0
+) -> defer.Deferred[bytes]:
+    """Send `pieces` one by one, `gap` seconds apart; all received until close/`wait`.
+
+    Unlike `raw_exchange`, which writes everything at once, each piece here
+    leaves in a TCP segment of its own, so the gateway sees split reads.
+    """
+    done: defer.Deferred[bytes] = defer.Deferred()
+    holder: dict[str, _Paced] = {}
+
+    class Factory(protocol.ClientFactory):
+        def buildProtocol(self, addr: Any) -> _Paced:
+            holder["p"] = _Paced(pieces, gap, done)
+            return holder["p"]
+
+        def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
+            done.errback(reason)
+
+    reactor.connectTCP("127.0.0.1", port, Factory())
+
+    def give_up() -> None:
+        if not done.called and "p" in holder:
+            holder["p"].transport.loseConnection()
+
+    call = reactor.callLater(wait, give_up)
+    done.addBoth(lambda result: (call.active() and call.cancel(), result)[1])
+    return done

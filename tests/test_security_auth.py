@@ -450,3 +450,89 @@ auth:
     assert unknown == [401] * 5
     assert keys.fetches == 2
     assert len(backend.requests) == 2
+
+
+@ensure
+async def test_leeway_accepts_a_token_not_yet_valid_by_less_than_it(secured):
+    backend, gw = secured
+    now = int(time.time())
+
+    early = token(claims(nbf=now + 3))  # leeway is 5s
+    too_early = token(claims(nbf=now + 60))
+    accepted, _ = await send(
+        gw.port, get("/tokens/x", f"Authorization: Bearer {early}")
+    )
+    refused, raw = await send(
+        gw.port, get("/tokens/y", f"Authorization: Bearer {too_early}")
+    )
+
+    assert (accepted, refused) == (200, 401)
+    assert b'error_description="token not yet valid"' in www_authenticate(raw)[0]
+    assert [r["uri"] for r in backend.requests] == ["/tokens/x"]
+
+
+def _jwks_url_rules(backend: str, url: str) -> str:
+    return f"""
+listen: 127.0.0.1:0
+access_log: false
+upstreams: {{monolith: {{targets: [{backend}]}}}}
+default: monolith
+auth:
+  default: jwt
+  jwt:
+    issuers:
+      - issuer: {ISSUER}
+        audience: {AUDIENCE}
+        algorithms: [RS256]
+        jwks_url: '{url}'
+"""
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@ensure
+async def test_jwks_url_down_gives_503_auth_unavailable_not_401(backends, gateway):
+    backend = backends("monolith")
+    url = f"http://127.0.0.1:{_closed_port()}/jwks.json"
+    gw = gateway(_jwks_url_rules(backend.url, url))
+
+    answers = [
+        await send(gw.port, get(f"/x/{i}", f"Authorization: Bearer {token()}"))
+        for i in range(3)
+    ]
+
+    assert [status for status, _ in answers] == [503] * 3
+    for _status, raw in answers:
+        assert body_of(raw)["error"] == "auth_unavailable"
+        assert www_authenticate(raw) == []  # the token was not judged bad
+        assert b"Retry-After: 5\r\n" in raw
+    counters = gate_of(gw).counters
+    assert counters.jwks_failures >= 1
+    assert counters.refused[("jwt", "the issuer's signing keys are not available")] == 3
+    assert backend.requests == []
+
+
+@ensure
+async def test_fetched_keys_keep_serving_when_the_jwks_url_goes_down(backends, gateway):
+    keys = _JwksResource(jwks((SIGNING_KEY, "k1")))
+    port = reactor.listenTCP(0, server.Site(keys), interface="127.0.0.1")
+    backend = backends("monolith")
+    url = f"http://127.0.0.1:{port.getHost().port}/jwks.json"
+    gw = gateway(_jwks_url_rules(backend.url, url))
+    try:
+        before, _ = await send(gw.port, get("/a", f"Authorization: Bearer {token()}"))
+    finally:
+        await port.stopListening()
+
+    after, _ = await send(
+        gw.port, get("/b", f"Authorization: Bearer {token(claims(sub='u-2'))}")
+    )
+
+    assert (before, after) == (200, 200)
+    assert [r["uri"] for r in backend.requests] == ["/a", "/b"]

@@ -229,6 +229,55 @@ async def test_limited_response_is_429_with_rate_limit_headers(
 
 
 @ensure
+async def test_accepted_responses_of_a_limited_route_carry_rate_limit_headers(
+    backends, gateway, tmp_path
+):
+    _backend, gw = _limited_gateway(
+        backends, gateway, tmp_path, "{rate: 5/m, burst: 3, per: ip}"
+    )
+
+    accepted = [(await send(gw.port, get("/limited/x")))[1] for _ in range(3)]
+    unlimited, raw_open = await send(gw.port, get("/open/page"))
+
+    assert [header_values(raw, b"ratelimit-limit") for raw in accepted] == [[b"3"]] * 3
+    assert [header_values(raw, b"ratelimit-remaining") for raw in accepted] == [
+        [b"2"],
+        [b"1"],
+        [b"0"],
+    ]
+    # Seconds until the bucket is full again, at 5 tokens a minute.
+    assert [header_values(raw, b"ratelimit-reset") for raw in accepted] == [
+        [b"12"],
+        [b"24"],
+        [b"36"],
+    ]
+    assert all(header_values(raw, b"retry-after") == [] for raw in accepted)
+    assert unlimited == 200
+    assert header_values(raw_open, b"ratelimit-limit") == []
+
+
+def test_accepted_verdict_reports_the_tightest_limit(tmp_path):
+    rules = _gate_rules(
+        tmp_path, "{rate: 1/m, burst: 10, per: ip}", "{rate: 1/m, burst: 3}"
+    )
+    gate = Gate(rules, Clock())
+    route = next(r for r in rules.routes if r.name == "limited")
+    mobile = _FakeExchange(_Plan(route), {b"x-api-key": MOBILE_KEY.encode()})
+
+    verdicts = [gate.check(mobile) for _ in range(2)]
+
+    assert [v.allowed for v in verdicts] == [True, True]  # type: ignore[union-attr]
+    assert dict(verdicts[1].response_headers) == {  # type: ignore[union-attr]
+        b"RateLimit-Limit": b"3",
+        b"RateLimit-Remaining": b"1",
+        b"RateLimit-Reset": b"120",
+    }
+    # The identity headers the consumer's verdict carries are kept.
+    assert verdicts[1].consumer == "mobile-app"  # type: ignore[union-attr]
+    assert (b"X-Consumer", b"mobile-app") in verdicts[1].upstream_headers  # type: ignore[union-attr]
+
+
+@ensure
 async def test_rotating_forwarded_for_does_not_escape_the_ip_limit(
     backends, gateway, tmp_path
 ):

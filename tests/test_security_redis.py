@@ -19,10 +19,19 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from security_support import auth_rules, get, send, write_keys
+from cli_support import ServeProcess
+from security_support import (
+    ADMIN_KEY,
+    MOBILE_KEY,
+    auth_rules,
+    get,
+    send,
+    write_keys,
+)
+from structlog.testing import capture_logs
 from support import header_values
-from twisted.internet import reactor
-from twisted.internet.task import deferLater
+from twisted.internet import protocol, reactor
+from twisted.internet.task import Clock, deferLater
 
 ensure = pytest_twisted.ensureDeferred
 
@@ -288,3 +297,190 @@ async def test_unreachable_redis_fails_open_by_default(
 
     assert statuses == [200, 429]
     assert len(backend.requests) == 1
+
+
+def _worker_of(raw: bytes) -> bytes:
+    """The process that answered: request ids start with a per-process prefix."""
+    return header_values(raw, b"x-request-id")[0].rsplit(b"-", 1)[0]
+
+
+def _worker_rules(tmp_path: Path, backend: str, state: str) -> Path:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(f"""
+listen: 127.0.0.1:0
+access_log: false
+{state}
+upstreams: {{monolith: {{targets: [{backend}]}}}}
+default: monolith
+routes:
+  - name: warm
+    match: {{path: /warm}}
+    to: monolith
+    rate_limit: {{rate: 1000/s, burst: 1000, per: ip}}
+  - name: limited
+    match: {{path: /limited}}
+    to: monolith
+    rate_limit: {{rate: 1/m, burst: 3, per: ip}}
+""")
+    return rules
+
+
+async def _both_workers_ready(port: int) -> set[bytes]:
+    """Send until both workers have answered 200 (with `deny`, 503 before Redis)."""
+    ready: set[bytes] = set()
+    for _ in range(300):
+        status, raw = await send(port, get("/warm"))
+        if status == 200:
+            ready.add(_worker_of(raw))
+        if len(ready) == 2:
+            break
+    return ready
+
+
+@ensure
+async def test_workers_of_one_gateway_share_one_limit_through_redis(
+    shared_redis, prefix, backends, tmp_path
+):
+    backend = backends("monolith")
+    state = f"state: {{redis: '{shared_redis.url}', on_state_error: deny, prefix: {prefix}}}"
+    serve = ServeProcess(
+        _worker_rules(tmp_path, backend.url, state), args=("--workers", "2")
+    )
+    try:
+        ready = await _both_workers_ready(serve.port)
+        limited: list[tuple[int, bytes]] = []
+        for _ in range(80):
+            status, raw = await send(serve.port, get("/limited"))
+            limited.append((status, _worker_of(raw)))
+            if len(limited) >= 12 and len({w for _s, w in limited}) == 2:
+                break
+    finally:
+        code = serve.stop()
+
+    assert len(ready) == 2
+    assert len({worker for _status, worker in limited}) == 2  # both took part
+    statuses = [status for status, _worker in limited]
+    assert statuses[:3] == [200] * 3
+    assert set(statuses[3:]) == {429}
+    assert sum(r["uri"] == "/limited" for r in backend.requests) == 3
+    assert code == 0
+
+
+@ensure
+async def test_without_redis_each_worker_limits_on_its_own(backends, tmp_path):
+    """The documented limitation (docs/limitations.md): buckets per worker."""
+    backend = backends("monolith")
+    serve = ServeProcess(
+        _worker_rules(tmp_path, backend.url, ""), args=("--workers", "2")
+    )
+    try:
+        ready = await _both_workers_ready(serve.port)
+        per_worker: dict[bytes, list[int]] = {}
+        for _ in range(80):
+            status, raw = await send(serve.port, get("/limited"))
+            per_worker.setdefault(_worker_of(raw), []).append(status)
+            if len(per_worker) == 2 and all(len(s) >= 4 for s in per_worker.values()):
+                break
+    finally:
+        serve.stop()
+
+    assert len(ready) == 2
+    assert [statuses.count(200) for statuses in per_worker.values()] == [3, 3]
+    assert sum(r["uri"] == "/limited" for r in backend.requests) == 6
+
+
+@ensure
+async def test_consumer_limit_in_redis_is_shared_by_two_gateways(
+    shared_redis, prefix, backends, gateway, tmp_path, closing
+):
+    write_keys(tmp_path)
+    backend = backends("monolith")
+    text = auth_rules(
+        backend.url,
+        extra=f"state: {{redis: '{shared_redis.url}', prefix: {prefix}}}",
+    ).replace(
+        "    scopes: [users:read]\n  admin-tool:",
+        "    scopes: [users:read]\n"
+        "    rate_limit: {rate: 1/m, burst: 2}\n  admin-tool:",
+    )
+    first, second = gateway(text), gateway(text)
+    closing += [first, second]
+    await until(
+        lambda: _connected(first) and _connected(second), "both gateways on Redis"
+    )
+
+    answers = [
+        await send(gw.port, get(f"/keys/{i}", f"X-Api-Key: {MOBILE_KEY}"))
+        for i, gw in enumerate((first, second, first, second))
+    ]
+    other, _ = await send(second.port, get("/keys/admin", f"X-Api-Key: {ADMIN_KEY}"))
+
+    assert [status for status, _ in answers] == [200, 200, 429, 429]
+    assert [header_values(raw, b"ratelimit-remaining") for _s, raw in answers] == [
+        [b"1"],
+        [b"0"],
+        [b"0"],
+        [b"0"],
+    ]
+    assert other == 200  # admin-tool has no limit of its own
+    assert shared_redis.keys(f"{prefix}:rl:*") == [f"{prefix}:rl:c:mobile-app"]
+    assert [r["uri"] for r in backend.requests] == ["/keys/0", "/keys/1", "/keys/admin"]
+    assert first.server.gateway.state.gate.counters.state_errors == 0
+
+
+class _SilentRedis(protocol.Protocol):
+    """Accepts commands and never answers: a Redis that hangs."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.factory.commands += data.count(b"EVAL")
+
+
+@ensure
+async def test_hung_redis_falls_back_after_its_timeout_and_logs_once(
+    backends, gateway, tmp_path, closing
+):
+    write_keys(tmp_path)
+    backend = backends("monolith")
+    factory = protocol.Factory.forProtocol(_SilentRedis)
+    factory.commands = 0
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    try:
+        url = f"redis://127.0.0.1:{port.getHost().port}/0"
+        gw = gateway(_shared_rules(backend.url, url, "{rate: 1/m, burst: 2, per: ip}"))
+        closing.append(gw)
+        await until(lambda: _connected(gw), "the gateway connected to the hung Redis")
+        with capture_logs() as logs:
+            statuses = [(await send(gw.port, get("/shared")))[0] for _ in range(4)]
+    finally:
+        await port.stopListening()
+
+    assert statuses == [200, 200, 429, 429]  # the local limit, same numbers
+    assert factory.commands >= 1  # Redis was asked, and never answered
+    counters = gw.server.gateway.state.gate.counters
+    assert counters.state_errors == 4
+    warnings = [e for e in logs if e["event"] == "shared_state_unavailable"]
+    assert len(warnings) == 1
+    assert warnings[0]["action"] == "local limits"
+    assert len(backend.requests) == 2
+
+
+def test_shared_state_errors_are_logged_at_most_once_a_minute(tmp_path):
+    from strangler.rules import parse_rules
+    from strangler.security.gate import Gate
+
+    write_keys(tmp_path)
+    rules = parse_rules(
+        auth_rules("http://127.0.0.1:1"), str(tmp_path / "rules.yaml"), {}
+    )
+    clock = Clock()
+    gate = Gate(rules, clock)
+
+    logged = []
+    with capture_logs() as logs:
+        for second in (0, 1, 30, 59, 60, 61, 130):
+            clock.advance(second - clock.seconds())
+            gate._state_error("down")
+            logged.append(len(logs))
+
+    assert logged == [1, 1, 1, 1, 2, 2, 3]
+    assert gate.counters.state_errors == 7

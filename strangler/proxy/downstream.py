@@ -17,8 +17,7 @@ from twisted.internet import protocol
 from twisted.python.failure import Failure
 
 from strangler.proxy.exchange import Exchange
-from strangler.proxy.headers import is_trusted, new_request_id
-from strangler.proxy.responses import error_response
+from strangler.proxy.headers import is_trusted
 from strangler.proxy.transports import hold_writes, release_writes
 
 if TYPE_CHECKING:
@@ -60,6 +59,8 @@ class ClientConnection(protocol.Protocol):
         self._timer: Any = None
         self._head_started = 0.0
         self._idle_since = 0.0
+        self._body_read_at = 0.0
+        self._begun = False
 
     # -- Twisted protocol -------------------------------------------------------
 
@@ -69,8 +70,9 @@ class ClientConnection(protocol.Protocol):
         self.peer_host = transport.getPeer().host
         self.trusted = is_trusted(self.peer_host, self.gateway.rules.trusted_proxies)
         self.gateway.connections.add(self)
-        self._idle_since = self.gateway.reactor.seconds()
-        self._arm_timer(self.gateway.rules.limits.client_header_timeout)
+        # The first request's head is timed from the connection's start.
+        self._idle_since = self._head_started = self.gateway.reactor.seconds()
+        self._arm_timer(self._timer_period())
 
     def dataReceived(self, data: bytes) -> None:
         if self.tunnel is not None:
@@ -82,8 +84,6 @@ class ClientConnection(protocol.Protocol):
             return
         if self.closed:
             return
-        if not self._in_head and self.incoming is None:
-            self._head_started = self.gateway.reactor.seconds()
         hold_writes()
         try:
             self.parser.feed_data(data)
@@ -96,6 +96,9 @@ class ClientConnection(protocol.Protocol):
             self._malformed(str(exc))
         finally:
             release_writes()
+        if self.incoming is not None:
+            # A body is on its way: `client_body_timeout` runs from this read.
+            self._body_read_at = self.gateway.reactor.seconds()
         if self._in_head:
             self._head_size += len(data)
             limit = self.gateway.rules.limits.max_header_bytes
@@ -146,6 +149,10 @@ class ClientConnection(protocol.Protocol):
         if self.closed:
             # Answered with a close: requests pipelined behind are never read.
             raise _RequestRejected()
+        if self._begun:
+            self._head_started = self.gateway.reactor.seconds()
+        else:
+            self._begun = True
         self._url = b""
         self._headers = []
         self._head_size = 0
@@ -220,7 +227,11 @@ class ClientConnection(protocol.Protocol):
             if nxt.request_done and nxt.finished:
                 return
         else:
-            self._idle_since = self.gateway.reactor.seconds()
+            now = self._idle_since = self.gateway.reactor.seconds()
+            if self._in_head:
+                # The next head began while this answer was being sent: time it
+                # from now, since the client was waiting for us until now.
+                self._head_started = now
 
     def start_tunnel(self, conn: UpstreamConnection, extra: bytes) -> None:
         """Become a raw two-way pipe to `conn` (after a 101 Switching Protocols)."""
@@ -282,42 +293,74 @@ class ClientConnection(protocol.Protocol):
         if timer is not None and timer.active():
             timer.cancel()
 
+    def _timer_period(self) -> float:
+        limits = self.gateway.rules.limits
+        return min(limits.client_header_timeout, limits.client_body_timeout)
+
     def _check_timeouts(self) -> None:
         """One lazy timer per connection, not one per request: see what is overdue.
 
-        A client trickling its request head gets 408 once the header timeout
-        has passed since the head began; a keep-alive connection with nothing
-        in flight is closed once idle for `IDLE_TIMEOUT`.
+        A request head must be in within `client_header_timeout` of its first
+        byte, or, for the first request, of the connection's start (so a
+        client that connects and sends nothing is not held either). A request
+        body may pause at most `client_body_timeout` between two reads. Both
+        get 408 and a close. A keep-alive connection with nothing in flight is
+        closed once idle for `IDLE_TIMEOUT`. While the gateway itself holds
+        reading back (a slow upstream, a pipelined request) the client is not
+        timed. The timer wakes at least once a period (the shorter of the two
+        timeouts), so a deadline that begins between two wake-ups is still
+        caught on time.
         """
         self._timer = None
         if self.closed or self.tunnel is not None:
             return
         now = self.gateway.reactor.seconds()
-        header_timeout = self.gateway.rules.limits.client_header_timeout
+        limits = self.gateway.rules.limits
+        period = self._timer_period()
         if self._in_head:
-            remaining = self._head_started + header_timeout - now
-        elif self.current is None and self.incoming is None:
+            if self.current is not None:
+                # Pipelined behind a request still being answered: the head is
+                # timed from the end of that answer (see `exchange_done`).
+                remaining = period
+            else:
+                remaining = self._head_started + limits.client_header_timeout - now
+                if remaining <= 0:
+                    self._refuse(
+                        408, "request_timeout", "request headers not received in time"
+                    )
+                    return
+        elif self.incoming is not None:
+            if self.paused:
+                self._body_read_at = now
+            remaining = self._body_read_at + limits.client_body_timeout - now
+            if remaining <= 0:
+                self._body_timed_out(self.incoming)
+                return
+        elif self.current is not None:
+            remaining = period
+        elif not self._begun:
+            remaining = self._head_started + limits.client_header_timeout - now
+            if remaining <= 0:
+                self._refuse(408, "request_timeout", "no request received in time")
+                return
+        else:
             remaining = self._idle_since + IDLE_TIMEOUT - now
             if remaining <= 0:
                 self._close()
                 return
-        else:
-            remaining = header_timeout
-        if remaining > 0:
-            self._arm_timer(remaining)
-            return
-        if self._in_head:
-            self.closed = True
-            self.transport.write(
-                error_response(
-                    408,
-                    "request_timeout",
-                    "request headers not received in time",
-                    new_request_id(),
-                    close=True,
-                )
-            )
-            self._close()
+        self._arm_timer(min(remaining, period))
+
+    def _body_timed_out(self, exchange: Exchange) -> None:
+        """The client stopped sending its body: 408, close, and drop the upstream.
+
+        The upstream is not blamed: no upstream failure is counted, so outlier
+        ejection and migration rollback never see a slow client.
+        """
+        self.incoming = None
+        exchange.cut_request(
+            408, "request_timeout", "request body not received in time"
+        )
+        self._close()
 
 
 class GatewayFactory(protocol.ServerFactory):

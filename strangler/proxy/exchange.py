@@ -530,6 +530,17 @@ class Exchange:
     def _body_too_large(self) -> None:
         """A chunked body passed `max_body`: drop the upstream, answer 413, close."""
         limit = self.body_limit
+        self.cut_request(413, "body_too_large", f"request body is over {limit} bytes")
+
+    def cut_request(self, status: int, error: str, message: str) -> None:
+        """Stop reading a request whose body went wrong on the client's side.
+
+        The upstream connection is aborted (the request it got is incomplete)
+        and the client gets `status`, or, when a response has already begun,
+        a closed connection. Nothing is counted against the upstream.
+        """
+        if self.finished:
+            return
         self.body_limit = None
         conn = self.conn
         self._release_upstream()
@@ -538,10 +549,10 @@ class Exchange:
         self.keep_alive = False
         self.request_buffer = None
         if self.response_started:
-            self.error = "body_too_large"
+            self.error = error
             self._finish()
             return
-        self.reject(413, "body_too_large", f"request body is over {limit} bytes")
+        self.reject(status, error, message)
 
     def _header_text(self, name: str) -> str | None:
         found = self.header_value(name.encode("latin-1"))

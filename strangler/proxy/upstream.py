@@ -24,8 +24,10 @@ from strangler.errors import (
     UpstreamError,
     UpstreamProtocolError,
     UpstreamTimeout,
+    UpstreamTlsError,
 )
 from strangler.proxy.transports import connect_tcp, hold_writes, release_writes
+from strangler.security.tls import handshake_problem
 
 if TYPE_CHECKING:
     from strangler.balancing import TargetState
@@ -169,6 +171,13 @@ class UpstreamConnection(protocol.Protocol):
         if self.tunnel:
             user.tunnel_closed()  # type: ignore[attr-defined]
             return
+        if self.pool.tls_options is not None and not self.response_started:
+            problem = handshake_problem(reason)
+            if problem is not None:
+                user.upstream_failed(
+                    UpstreamTlsError(f"TLS with the upstream failed: {problem}"), True
+                )
+                return
         retryable = self.reused and not self.response_started
         user.upstream_failed(
             UpstreamClosed("upstream closed the connection before answering")

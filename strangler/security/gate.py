@@ -28,7 +28,12 @@ from strangler.security.api_keys import KeyIndex, query_value
 from strangler.security.counters import SecurityCounters
 from strangler.security.identity import Identity, IdentityFactory
 from strangler.security.jwt_auth import KEYS_UNAVAILABLE, JwtVerifier, bearer_token
-from strangler.security.rate_limit import ClientAddresses, TokenBuckets, limited_verdict
+from strangler.security.rate_limit import (
+    ClientAddresses,
+    TokenBuckets,
+    accepted_verdict,
+    limited_verdict,
+)
 from strangler.security.redis_state import SharedBuckets
 
 if TYPE_CHECKING:
@@ -489,14 +494,17 @@ class Gate:
                 return self._limited(
                     route_buckets.limit, first[0], consumer, policy.route
                 )
+        drawn: list[tuple[RateLimit, float]] = []
         if consumer_buckets is not None:
             second = consumer_buckets.bucket("", now)
             if second[0] < 1.0:
                 return self._limited(consumer_buckets.limit, second[0], consumer, None)
             second[0] -= 1.0
-        if first is not None:
+            drawn.append((consumer_buckets.limit, second[0]))
+        if first is not None and route_buckets is not None:
             first[0] -= 1.0
-        return self._accept(exchange, identity)
+            drawn.append((route_buckets.limit, first[0]))
+        return accepted_verdict(self._accept(exchange, identity), drawn)
 
     def _limited(
         self, limit: RateLimit, level: float, consumer: str | None, route: str | None
@@ -536,7 +544,16 @@ class Gate:
     ) -> Verdict:
         deny, levels = reply
         if deny == 0:
-            return self._accept(exchange, identity)
+            drawn: list[tuple[RateLimit, float]] = []
+            if policy.limit is not None:
+                drawn.append((policy.limit, levels[0]))
+            if (
+                identity is not None
+                and identity.rate_limit is not None
+                and len(levels) > len(drawn)
+            ):
+                drawn.append((identity.rate_limit, levels[len(drawn)]))
+            return accepted_verdict(self._accept(exchange, identity), drawn)
         consumer = identity.consumer if identity is not None else None
         if deny == 1 and policy.limit is not None:
             return self._limited(policy.limit, levels[0], consumer, policy.route)

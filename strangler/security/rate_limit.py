@@ -19,7 +19,13 @@ from strangler.model import Network, RateLimit
 from strangler.proxy.headers import is_trusted
 from strangler.proxy.hooks import Verdict
 
-__all__ = ["ClientAddresses", "TokenBuckets", "limited_verdict"]
+__all__ = [
+    "ClientAddresses",
+    "TokenBuckets",
+    "accepted_verdict",
+    "limited_verdict",
+    "quota_headers",
+]
 
 DEFAULT_MAX_KEYS = 100_000
 
@@ -79,11 +85,26 @@ class TokenBuckets:
                 del self._buckets[key]
 
 
+def quota_headers(limit: RateLimit, level: float) -> list[tuple[bytes, bytes]]:
+    """`RateLimit-Limit` (the burst), `-Remaining` (whole tokens left) and `-Reset`.
+
+    `RateLimit-Reset` is the number of seconds until the bucket is full
+    again (0 when it is); the same three headers go on 429s and on accepted
+    responses of a limited route.
+    """
+    level = max(level, 0.0)
+    reset = max(0, math.ceil((limit.burst - level) / limit.rate))
+    return [
+        (b"RateLimit-Limit", b"%d" % limit.burst),
+        (b"RateLimit-Remaining", b"%d" % math.floor(level)),
+        (b"RateLimit-Reset", b"%d" % reset),
+    ]
+
+
 def limited_verdict(limit: RateLimit, level: float, consumer: str | None) -> Verdict:
     """429 with `Retry-After` and the `RateLimit-*` headers for a bucket at `level`."""
     level = max(level, 0.0)
     retry = max(1, math.ceil((1.0 - level) / limit.rate))
-    reset = max(1, math.ceil((limit.burst - level) / limit.rate))
     return Verdict(
         allowed=False,
         status=429,
@@ -92,10 +113,27 @@ def limited_verdict(limit: RateLimit, level: float, consumer: str | None) -> Ver
         consumer=consumer,
         response_headers=[
             (b"Retry-After", b"%d" % retry),
-            (b"RateLimit-Limit", b"%d" % limit.burst),
-            (b"RateLimit-Remaining", b"%d" % math.floor(level)),
-            (b"RateLimit-Reset", b"%d" % reset),
+            *quota_headers(limit, level),
         ],
+    )
+
+
+def accepted_verdict(base: Verdict, limits: list[tuple[RateLimit, float]]) -> Verdict:
+    """`base` plus the `RateLimit-*` headers of the tightest of `limits`.
+
+    `limits` pairs each limit the request drew from with the tokens left
+    after the draw; the one with the fewest whole tokens left is reported,
+    as the client will meet that one first.
+    """
+    if not limits:
+        return base
+    limit, level = min(limits, key=lambda pair: pair[1])
+    return Verdict(
+        True,
+        consumer=base.consumer,
+        strip=base.strip,
+        upstream_headers=base.upstream_headers,
+        response_headers=quota_headers(limit, level),
     )
 
 

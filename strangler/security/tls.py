@@ -1,7 +1,10 @@
-"""TLS for the public listener: check a certificate and key pair, build the options.
+"""TLS for the public listener, and how `https://` upstreams are verified.
 
-The pair is checked when the rule file is loaded (so `strangler check`
-reports a wrong key), and the listener refuses anything older than TLS 1.2.
+The listener's pair is checked when the rule file is loaded (so `strangler
+check` reports a wrong key), and the listener refuses anything older than
+TLS 1.2. Upstream certificates are always verified, hostname included:
+against the system's trust store (which honours `SSL_CERT_FILE`), or
+against the CAs named by the upstream's `tls.ca`.
 """
 
 from __future__ import annotations
@@ -16,11 +19,20 @@ from cryptography.hazmat.primitives.serialization import (
 )
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
-from strangler.model import Tls
+from strangler.model import Tls, UpstreamTls
 
-__all__ = ["check_tls_pair", "tls_factory"]
+__all__ = [
+    "UpstreamTrust",
+    "ca_problem",
+    "check_tls_pair",
+    "client_tls_options",
+    "handshake_problem",
+    "tls_factory",
+]
 
 
 def check_tls_pair(cert_pem: bytes, key_pem: bytes) -> None:
@@ -92,3 +104,61 @@ def tls_factory(tls: Tls, wrapped: Any) -> TLSMemoryBIOFactory:
     factory = TLSMemoryBIOFactory(creator, False, wrapped)
     factory.protocol = _TlsTransport
     return factory
+
+
+def ca_problem(pem: bytes) -> str | None:
+    """Why `pem` cannot serve as an upstream's `tls.ca`, or None when it can."""
+    try:
+        certificates = x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        return "expected PEM certificates (-----BEGIN CERTIFICATE-----), got none"
+    if not certificates:
+        return "the file holds no certificate"
+    return None
+
+
+def client_tls_options(host: str, tls: UpstreamTls | None) -> Any:
+    """Options for one `https://` target: verify its certificate and its name."""
+    from twisted.internet import ssl
+
+    if tls is None:
+        return ssl.optionsForClientTLS(host)
+    return ssl.optionsForClientTLS(host, trustRoot=_trust_root(tls))
+
+
+def _trust_root(tls: UpstreamTls) -> Any:
+    from OpenSSL import crypto
+    from twisted.internet import ssl
+
+    certificates = [
+        ssl.Certificate(crypto.X509.from_cryptography(cert))
+        for cert in x509.load_pem_x509_certificates(tls.ca_pem)
+    ]
+    return ssl.trustRootFromCertificates(certificates)
+
+
+@implementer(IPolicyForHTTPS)
+class UpstreamTrust:
+    """The same verification for treq/Agent clients (health checks)."""
+
+    def __init__(self, tls: UpstreamTls | None) -> None:
+        self._tls = tls
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
+        return client_tls_options(hostname.decode("ascii"), self._tls)
+
+
+def handshake_problem(reason: Failure) -> str | None:
+    """What went wrong in a failed TLS handshake, in words; None if it was not TLS."""
+    from OpenSSL import SSL
+    from service_identity import VerificationError
+
+    if reason.check(VerificationError):
+        # Said without the names involved: the answer goes to the client.
+        return "the certificate does not name the target's host"
+    if reason.check(SSL.Error):
+        details = reason.value.args[0] if reason.value.args else None
+        if isinstance(details, list) and details:
+            return "; ".join(str(entry[-1]) for entry in details if entry)
+        return str(reason.value) or "handshake failed"
+    return None

@@ -206,7 +206,7 @@ class Mirror:
             if candidate.available:
                 chosen = candidate
                 break
-        return self.registry.pool_for(chosen.target)
+        return self.registry.pool_for(chosen.target, upstream.model.tls)
 
 
 class ShadowCall:

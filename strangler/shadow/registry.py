@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from strangler.balancing import TargetState
-from strangler.model import Target
+from strangler.model import Target, UpstreamTls
 from strangler.proxy.upstream import TargetPool
 from strangler.shadow.stats import Redactor, RouteStats
 
@@ -31,7 +31,7 @@ class ShadowRegistry:
     ) -> None:
         self.reactor = reactor
         self.routes: dict[str, RouteStats] = {}
-        self.pools: dict[tuple[str, str, int], TargetPool] = {}
+        self.pools: dict[tuple[str, str, int, UpstreamTls | None], TargetPool] = {}
         self.redactor = Redactor(secret_headers)
 
     def stats_for(self, route: str) -> RouteStats:
@@ -40,16 +40,16 @@ class ShadowRegistry:
             stats = self.routes[route] = RouteStats(route)
         return stats
 
-    def pool_for(self, target: Target) -> TargetPool:
+    def pool_for(self, target: Target, trust: UpstreamTls | None = None) -> TargetPool:
         """The shadow side's pool for one target, made on first use."""
-        key = (target.scheme, target.host, target.port)
+        key = (target.scheme, target.host, target.port, trust)
         pool = self.pools.get(key)
         if pool is None:
             tls = None
             if target.scheme == "https":
-                from twisted.internet.ssl import optionsForClientTLS
+                from strangler.security.tls import client_tls_options
 
-                tls = optionsForClientTLS(target.host)
+                tls = client_tls_options(target.host, trust)
             pool = TargetPool(TargetState(target), self.reactor, tls_options=tls)
             self.pools[key] = pool
         return pool
