@@ -10,7 +10,7 @@ import pytest
 import pytest_twisted
 from security_support import send
 from support import raw_exchange, status_of
-from twisted.internet import protocol, reactor
+from twisted.internet import defer, protocol, reactor
 
 from strangler.security.paths import PathError, normalise_path
 
@@ -387,3 +387,66 @@ async def test_upstream_response_with_conflicting_framing_gets_502(gateway):
         await port.stopListening()
 
     assert status_of(raw) == 502
+
+
+class _Trickle(protocol.Protocol):
+    """Writes its pieces one reactor turn apart, as a slow client would."""
+
+    def __init__(self, pieces: list[bytes], done: defer.Deferred[bytes]) -> None:
+        self.pieces = list(pieces)
+        self.done = done
+        self.received = bytearray()
+        self.call = None
+
+    def connectionMade(self) -> None:
+        self._next()
+
+    def _next(self) -> None:
+        self.call = None
+        if self.pieces and self.transport.connected:
+            self.transport.write(self.pieces.pop(0))
+            self.call = reactor.callLater(0.005, self._next)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: object = None) -> None:
+        if self.call is not None and self.call.active():
+            self.call.cancel()
+        if not self.done.called:
+            self.done.callback(bytes(self.received))
+
+
+def trickle(port: int, pieces: list[bytes]) -> defer.Deferred[bytes]:
+    """Send `pieces` in separate writes; everything received until the close."""
+    done: defer.Deferred[bytes] = defer.Deferred()
+    factory = protocol.ClientFactory.forProtocol(lambda: _Trickle(pieces, done))
+    factory.protocol = lambda: _Trickle(pieces, done)  # type: ignore[assignment]
+    connector = reactor.connectTCP("127.0.0.1", port, factory)
+    give_up = reactor.callLater(10, connector.disconnect)
+    done.addBoth(lambda result: (give_up.active() and give_up.cancel(), result)[1])
+    return done
+
+
+def head_lines(kib: int) -> list[bytes]:
+    """A request head of about `kib` KiB, one header line per piece."""
+    lines = [b"GET /big HTTP/1.1\r\n", H]
+    lines += [b"X-Filler-%02d: %s\r\n" % (i, b"v" * 1000) for i in range(kib)]
+    lines.append(b"Connection: close\r\n\r\n")
+    return lines
+
+
+@ensure
+async def test_header_size_is_counted_once_when_the_head_arrives_in_pieces(
+    backends, gateway
+):
+    backend = backends("monolith")
+    gw = gateway(rules(backend.url, extra="limits: {max_header_bytes: 16KiB}"))
+
+    fits = await trickle(gw.port, head_lines(9))
+    too_big = await trickle(gw.port, head_lines(17))
+
+    assert status_of(fits) == 200
+    assert status_of(too_big) == 431
+    assert b'"error":"header_too_large"' in too_big
+    assert [r["uri"] for r in backend.requests] == ["/big"]
