@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest_twisted
-from support import header_values, raw_exchange, status_of
+import support
+from cli_support import run_cli
+from support import header_values, raw_exchange, status_of, write_rules
 from twisted.internet import protocol, reactor
+
+from strangler.model import HeaderEdits, HeaderRules
+from strangler.rules import load_rules
 
 ensure = pytest_twisted.ensureDeferred
 
@@ -523,3 +529,102 @@ async def test_websocket_upgrade_becomes_a_two_way_tunnel(backends, gateway):
     assert header_values(received, b"upgrade") == [b"websocket"]
     assert b"hello-from-upstream" in received
     assert b"PING-FROM-CLIENT" in received
+
+
+# -- header edit rules never touch framing or the gateway's own headers ---------
+
+MANAGED_EDITS = """
+listen: 127.0.0.1:0
+upstreams:
+  monolith:
+    targets: [http://127.0.0.1:9001]
+default: monolith
+routes:
+  - name: edits
+    match: {path: /edits}
+    to: monolith
+    headers:
+      request:
+        set: {Content-Length: "0", X-Fine: "1"}
+        add: {Transfer-Encoding: chunked, X_Request_Id: forged}
+        remove: [Host, Proxy-Authorization]
+      response:
+        set: {Content-Length: "1"}
+        add: {Connection: close, X-Forwarded-For: 1.2.3.4}
+"""
+
+
+def test_check_refuses_header_edits_of_managed_headers(tmp_path):
+    path = write_rules(tmp_path, MANAGED_EDITS)
+
+    result = run_cli("check", str(path))
+
+    assert result.returncode != 0
+    where = "routes[0].headers"
+    expected = [
+        (13, f"{where}.request.set.Content-Length"),
+        (14, f"{where}.request.add.Transfer-Encoding"),
+        (14, f"{where}.request.add.X_Request_Id"),
+        (15, f"{where}.request.remove[0]"),
+        (15, f"{where}.request.remove[1]"),
+        (17, f"{where}.response.set.Content-Length"),
+        (18, f"{where}.response.add.Connection"),
+        (18, f"{where}.response.add.X-Forwarded-For"),
+    ]
+    lines = result.stderr.splitlines() + result.stdout.splitlines()
+    for line, key in expected:
+        prefix = f"{path}:{line}: {key}: "
+        assert any(
+            text.startswith(prefix) and "cannot change it" in text for text in lines
+        ), (prefix, lines)
+
+
+@ensure
+async def test_edits_of_managed_headers_are_skipped_even_past_the_checker(
+    backends, gateway, monkeypatch
+):
+    """Rules built without the checker still cannot reframe either side."""
+    mono, users = backends("monolith"), backends("users")
+    forced = HeaderRules(
+        request=HeaderEdits(
+            set=(("Content-Length", "0"), ("X-Fine", "1")),
+            add=(("Content-Length", "99"), ("Transfer-Encoding", "chunked")),
+            remove=("Host",),
+        ),
+        response=HeaderEdits(
+            set=(("Content-Length", "1"),), add=(("Transfer-Encoding", "chunked"),)
+        ),
+    )
+
+    def with_forced_edits(path):  # type: ignore[no-untyped-def]
+        rules = load_rules(path)
+        route = rules.routes[0]
+        entry = replace(route.split[0], headers=forced)
+        return replace(rules, routes=(replace(route, split=(entry,)),))
+
+    monkeypatch.setattr(support, "load_rules", with_forced_edits)
+    gw = gateway(two_upstreams(mono.url, users.url))
+
+    post = b"POST /api/v2/users HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello"
+    raw = await raw_exchange(
+        gw.port,
+        post + b"GET /api/v2/users/2 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+
+    first, second = users.requests
+    assert seen_headers(first)["content-length"] == ["5"]
+    assert "transfer-encoding" not in seen_headers(first)
+    assert seen_headers(first)["host"] == ["a"]
+    assert seen_headers(first)["x-fine"] == ["1"]
+    assert first["body"] == "hello"
+    assert second["uri"] == "/api/v2/users/2"
+    replies = raw.split(b"HTTP/1.1 200 ")
+    assert len(replies) == 3
+    for reply in replies[1:]:
+        head, body = reply.split(b"\r\n\r\n", 1)
+        lengths = header_values(
+            b"HTTP/1.1 200 " + head + b"\r\n\r\n", b"content-length"
+        )
+        assert len(lengths) == 1
+        assert len(body) == int(lengths[0])
+        assert body.startswith(b"{") and body.endswith(b"}")
