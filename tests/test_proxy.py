@@ -628,3 +628,49 @@ async def test_edits_of_managed_headers_are_skipped_even_past_the_checker(
         assert len(lengths) == 1
         assert len(body) == int(lengths[0])
         assert body.startswith(b"{") and body.endswith(b"}")
+
+
+class _HopByHopBackend(protocol.Protocol):
+    """Answers every request with a response full of hop-by-hop headers."""
+
+    def dataReceived(self, data: bytes) -> None:
+        if b"\r\n\r\n" in data:
+            self.transport.write(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
+                b"Connection: X-Foo\r\nX-Foo: secret\r\nKeep-Alive: timeout=5\r\n"
+                b"Proxy-Authenticate: Basic realm=upstream\r\nProxy-Thing: 1\r\n"
+                b"Trailer: X-Sum\r\nUpgrade: h2c\r\nTE: trailers\r\n"
+                b"X-End-To-End: kept\r\n\r\nok"
+            )
+
+
+@ensure
+async def test_hop_by_hop_headers_are_removed_toward_client(backends, gateway):
+    port = reactor.listenTCP(
+        0, protocol.Factory.forProtocol(_HopByHopBackend), interface="127.0.0.1"
+    )
+    users = backends("users")
+    try:
+        gw = gateway(
+            two_upstreams(f"http://127.0.0.1:{port.getHost().port}", users.url)
+        )
+        raw = await raw_exchange(
+            gw.port, b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        )
+    finally:
+        await port.stopListening()
+
+    assert status_of(raw) == 200
+    for dropped in (
+        b"x-foo",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-thing",
+        b"trailer",
+        b"upgrade",
+        b"te",
+    ):
+        assert header_values(raw, dropped) == [], dropped
+    assert header_values(raw, b"connection") == [b"close"]
+    assert header_values(raw, b"x-end-to-end") == [b"kept"]
+    assert raw.endswith(b"\r\n\r\nok")

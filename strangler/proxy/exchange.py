@@ -774,7 +774,11 @@ class Exchange:
                 elif lname == b"transfer-encoding":
                     upstream_chunked = True
                 continue
-            if lname in drop or lname in _DROP_FROM_RESPONSE:
+            if (
+                lname in drop
+                or lname in _DROP_FROM_RESPONSE
+                or lname.startswith(b"proxy-")
+            ):
                 continue
             parts += (name, b": ", value, _CRLF)
         if no_body:
