@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
-from security_support import send
+from security_support import auth_rules, get, seen_headers, send, token, write_keys
 from support import raw_exchange, status_of
 from twisted.internet import defer, protocol, reactor
 
@@ -450,3 +450,57 @@ async def test_header_size_is_counted_once_when_the_head_arrives_in_pieces(
     assert status_of(too_big) == 431
     assert b'"error":"header_too_large"' in too_big
     assert [r["uri"] for r in backend.requests] == ["/big"]
+
+
+# -- headers a client may not forge, in any spelling ------------------------------
+
+UNDERSCORED = (
+    "X_User_Id: 0",
+    "X_Consumer: root",
+    "x-user_id: 1",
+    "X_Forwarded_For: 6.6.6.6",
+    "X_Forwarded_Host: evil.test",
+    "X_Request_Id: forged-request-id",
+)
+
+
+@ensure
+async def test_underscore_spellings_of_gateway_headers_never_reach_the_upstream(
+    tmp_path, backends, gateway
+):
+    write_keys(tmp_path)
+    backend = backends("monolith")
+    gw = gateway(auth_rules(backend.url))
+
+    with_token, _ = await send(
+        gw.port, get("/tokens/me", f"Authorization: Bearer {token()}", *UNDERSCORED)
+    )
+    anonymous, _ = await send(gw.port, get("/open/page", *UNDERSCORED))
+
+    assert (with_token, anonymous) == (200, 200)
+    for seen in backend.requests:
+        names = {name.lower() for name, _value in seen["headers"]}
+        assert not any("_" in name for name in names), names
+    signed, unsigned = (seen_headers(r) for r in backend.requests)
+    assert signed["x-user-id"] == ["user-42"]
+    assert signed["x-consumer"] == ["user-42"]
+    assert "x-user-id" not in unsigned
+    assert "x-consumer" not in unsigned
+    assert unsigned["x-forwarded-for"] == ["127.0.0.1"]
+    assert unsigned["x-forwarded-host"] == ["gw.test"]
+
+
+@ensure
+async def test_underscore_forwarding_headers_are_dropped_without_any_auth(
+    backends, gateway
+):
+    backend = backends("monolith")
+    gw = gateway(rules(backend.url))
+
+    status, _ = await send(gw.port, get("/x", *UNDERSCORED))
+
+    assert status == 200
+    names = {name.lower() for name, _value in backend.requests[0]["headers"]}
+    assert "x_forwarded_for" not in names
+    assert "x_request_id" not in names
+    assert "x_forwarded_host" not in names

@@ -29,6 +29,7 @@ from strangler.proxy import headers as hdr
 from strangler.proxy.header_edits import edit_request, edit_response
 from strangler.proxy.hooks import ShadowTap, Verdict
 from strangler.proxy.responses import error_response
+from strangler.security.identity import claims_identity
 from strangler.security.paths import PathError, normalise_path
 from strangler.security.request_head import framing_problem, host_problem
 from strangler.stickiness import new_cookie_key, set_cookie_header, sticky_key
@@ -254,7 +255,8 @@ class Exchange:
             )
             return False
         if verdict.strip or verdict.upstream_headers:
-            kept = [e for e in self.kept if e[0] not in verdict.strip]
+            strip = verdict.strip
+            kept = [e for e in self.kept if not claims_identity(e[0], strip)]
             for name, value in verdict.upstream_headers:
                 kept.append((name.lower(), name, value))
             self.kept = kept
@@ -378,6 +380,10 @@ class Exchange:
                 continue
             elif lname.startswith(b"proxy-") or lname == b"x-strangler-shadow":
                 # Only the gateway marks mirrored copies; a client cannot.
+                continue
+            elif b"_" in lname and hdr.gateway_managed(lname):
+                # `X_Forwarded_For` reads as HTTP_X_FORWARDED_FOR to CGI, WSGI
+                # and PHP, the same as the header the gateway writes.
                 continue
             kept.append(entry)
 
