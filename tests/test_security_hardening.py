@@ -504,3 +504,80 @@ async def test_underscore_forwarding_headers_are_dropped_without_any_auth(
     assert "x_forwarded_for" not in names
     assert "x_request_id" not in names
     assert "x_forwarded_host" not in names
+
+
+# -- Host and HTTP versions ------------------------------------------------------
+
+
+@ensure
+async def test_http10_request_without_host_gets_the_target_as_host(backends, gateway):
+    backend = backends("monolith")
+    gw = gateway(rules(backend.url))
+
+    status, _ = await send(gw.port, b"GET /old-client HTTP/1.0\r\n\r\n")
+    kept, _ = await send(gw.port, b"GET /with-host HTTP/1.0\r\nHost: shop.test\r\n\r\n")
+
+    assert (status, kept) == (200, 200)
+    without, with_host = (seen_headers(r) for r in backend.requests)
+    assert without["host"] == [backend.url.removeprefix("http://")]
+    assert "x-forwarded-host" not in without
+    assert with_host["host"] == ["shop.test"]
+
+
+@ensure
+async def test_versions_other_than_http10_and_http11_get_505(backends, gateway):
+    backend = backends("monolith")
+    gw = gateway(rules(backend.url))
+
+    answers = []
+    for payload in (
+        b"GET / HTTP/2.0\r\n" + H + b"\r\n",
+        b"GET / HTTP/0.9\r\n\r\n",
+        b"GET /\r\n\r\n",
+    ):
+        raw = await raw_exchange(
+            gw.port, payload + b"GET /after HTTP/1.1\r\n" + H + b"\r\n"
+        )
+        answers.append(raw)
+
+    for raw in answers:
+        assert status_of(raw) == 505, raw
+        assert b'"error":"http_version_not_supported"' in raw
+        assert b"Connection: close" in raw
+        assert raw.count(b"HTTP/1.1 ") == 1
+    assert backend.requests == []
+
+
+@ensure
+async def test_connection_header_cannot_remove_host(backends, gateway):
+    backend = backends("monolith")
+    gw = gateway(rules(backend.url))
+
+    status, _ = await send(
+        gw.port, b"GET / HTTP/1.1\r\n" + H + b"Connection: close, Host\r\n\r\n"
+    )
+
+    assert status == 200
+    assert seen_headers(backend.requests[0])["host"] == ["gw.test"]
+
+
+@ensure
+async def test_host_port_must_be_between_1_and_65535(backends, gateway):
+    backend = backends("monolith")
+    gw = gateway(rules(backend.url))
+
+    statuses = {}
+    for host in (b"a.test:99999", b"a.test:0", b"[::1]:65536", b"a.test:65535"):
+        raw = await raw_exchange(
+            gw.port,
+            b"GET / HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n",
+        )
+        statuses[host] = status_of(raw)
+
+    assert statuses == {
+        b"a.test:99999": 400,
+        b"a.test:0": 400,
+        b"[::1]:65536": 400,
+        b"a.test:65535": 200,
+    }
+    assert [seen_headers(r)["host"] for r in backend.requests] == [["a.test:65535"]]

@@ -176,12 +176,23 @@ class ClientConnection(protocol.Protocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         parser = self.parser
+        version = parser.get_http_version()
+        http11 = version == "1.1"
+        if not http11 and version != "1.0":
+            # llhttp also reads `HTTP/2.0` and HTTP/0.9's bare `GET /`; neither
+            # can be relayed faithfully as HTTP/1.1 (docs/proxy.md).
+            self._refuse(
+                505,
+                "http_version_not_supported",
+                f"the gateway speaks HTTP/1.0 and HTTP/1.1, not HTTP/{version}",
+            )
+            raise _RequestRejected()
         exchange = Exchange(
             self,
             parser.get_method(),
             self._url,
             self._headers,
-            parser.get_http_version() == "1.1",
+            http11,
             parser.should_keep_alive(),
             parser.should_upgrade(),
         )

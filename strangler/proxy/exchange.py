@@ -434,6 +434,9 @@ class Exchange:
         if self.query:
             target += b"?" + self.query
         if connection_tokens is not None:
+            # `Connection` names the client's own hop-by-hop headers; it can never
+            # take away the Host the upstream routes on.
+            connection_tokens.discard(b"host")
             kept = [entry for entry in kept if entry[0] not in connection_tokens]
         self.kept = kept
         self.forwarded = (forwarded_for, forwarded_proto, forwarded_host, upgrade_value)
@@ -451,6 +454,9 @@ class Exchange:
         if forwarded_host is not None:
             parts += (b"X-Forwarded-Host: ", forwarded_host, _CRLF)
         parts += (b"X-Request-Id: ", self.request_id.encode("ascii"), _CRLF)
+        if self.host is None and self.target is not None:
+            # An HTTP/1.0 client sent no Host; HTTP/1.1 upstreams need one.
+            parts += (b"Host: ", self.target.target.authority.encode("ascii"), _CRLF)
         if self.body_kind == LENGTH:
             parts.append(b"Content-Length: %d\r\n" % self.content_length)
         elif self.body_kind == CHUNKED:
@@ -582,6 +588,8 @@ class Exchange:
         except UpstreamError as exc:
             self.upstream_failed(exc, False)
             return
+        if self.host is None:
+            self.head_bytes = self._render_head()
         self.target.active += 1
         if not self.attempts:
             branch.upstream.retry_budget.deposit()
