@@ -29,6 +29,7 @@ from strangler.runtime_weights import (
     WeightOverride,
     resolve_weights,
 )
+from strangler.security.rate_limit import ClientAddresses
 from strangler.shadow.mirror import build_mirror
 from strangler.shadow.registry import ShadowRegistry
 from strangler.splitting import Splitter
@@ -165,6 +166,7 @@ class GatewayState:
         self.runtime = runtime if runtime is not None else RuntimeWeights()
         self.shadows = shadows if shadows is not None else ShadowRegistry(reactor)
         self.router = Router(rules.routes)
+        self.client_addresses = ClientAddresses(rules.trusted_proxies)
         self.upstreams = self._bind_upstreams(rules, reactor, previous)
         from strangler.security.gate import build_gate
 

@@ -674,3 +674,92 @@ async def test_hop_by_hop_headers_are_removed_toward_client(backends, gateway):
     assert header_values(raw, b"connection") == [b"close"]
     assert header_values(raw, b"x-end-to-end") == [b"kept"]
     assert raw.endswith(b"\r\n\r\nok")
+
+
+# -- the client address behind a trusted proxy ----------------------------------
+
+
+def client_keyed(a: str, b: str, trusted: bool) -> str:
+    return f"""
+listen: 127.0.0.1:0
+access_log: false
+{"trusted_proxies: [127.0.0.0/8]" if trusted else ""}
+upstreams:
+  hashed:
+    balance: ip_hash
+    targets: [{a}, {b}]
+  left:
+    targets: [{a}]
+  right:
+    targets: [{b}]
+default: hashed
+routes:
+  - name: sticky
+    match: {{path: /sticky}}
+    split:
+      - {{to: left, weight: 50}}
+      - {{to: right, weight: 50}}
+    sticky: {{by: ip}}
+"""
+
+
+async def served_by(port: int, path: str, forwarded_for: str) -> str:
+    raw = await raw_exchange(
+        port,
+        f"GET {path} HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: {forwarded_for}\r\n"
+        "Connection: close\r\n\r\n".encode(),
+    )
+    assert status_of(raw) == 200
+    return header_values(raw, b"x-served-by")[0].decode()
+
+
+@ensure
+async def test_ip_hash_and_sticky_ip_use_the_forwarded_client_behind_a_trusted_proxy(
+    backends, gateway
+):
+    a, b = backends("a"), backends("b")
+    gw = gateway(client_keyed(a.url, b.url, trusted=True))
+    clients = [f"203.0.113.{i}" for i in range(1, 41)]
+
+    for path in ("/hashed", "/sticky"):
+        first = {ip: await served_by(gw.port, path, ip) for ip in clients}
+        again = {ip: await served_by(gw.port, path, ip) for ip in clients[:10]}
+        chained = await served_by(gw.port, path, f"198.51.100.7, {clients[0]}")
+
+        assert set(first.values()) == {"a", "b"}, path
+        assert again == {ip: first[ip] for ip in clients[:10]}, path
+        # Only the right-most untrusted entry counts; what is left of it is
+        # the client's own say.
+        assert chained == first[clients[0]], path
+
+
+@ensure
+async def test_ip_hash_and_sticky_ip_ignore_forwarded_for_from_untrusted_peers(
+    backends, gateway
+):
+    a, b = backends("a"), backends("b")
+    gw = gateway(client_keyed(a.url, b.url, trusted=False))
+
+    for path in ("/hashed", "/sticky"):
+        seen = {await served_by(gw.port, path, f"203.0.113.{i}") for i in range(20)}
+        assert len(seen) == 1, path
+
+
+@ensure
+async def test_trusted_proxy_forwarded_proto_and_host_survive_without_for(
+    backends, gateway, client
+):
+    mono, users = backends("monolith"), backends("users")
+    gw = gateway(
+        two_upstreams(mono.url, users.url, extra="trusted_proxies: [127.0.0.0/8]")
+    )
+
+    await client.get(
+        gw.url + "/",
+        headers={"X-Forwarded-Proto": ["https"], "X-Forwarded-Host": ["shop.example"]},
+    )
+
+    headers = seen_headers(mono.requests[0])
+    assert headers["x-forwarded-for"] == ["127.0.0.1"]
+    assert headers["x-forwarded-proto"] == ["https"]
+    assert headers["x-forwarded-host"] == ["shop.example"]

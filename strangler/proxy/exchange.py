@@ -405,6 +405,23 @@ class Exchange:
         if not self._split_target():
             return None
 
+        # Forwarding comes before routing: `ip_hash` and `sticky: {by: ip}`
+        # key on the client address, which behind a trusted proxy is in
+        # `X-Forwarded-For`.
+        peer = client.peer_host.encode("latin-1")
+        if not client.trusted:
+            forwarded_for = peer
+            forwarded_proto = forwarded_host = None
+        elif forwarded_for is not None:
+            forwarded_for = forwarded_for + b", " + peer
+        else:
+            forwarded_for = peer
+        if forwarded_proto is None:
+            forwarded_proto = client.scheme
+        if forwarded_host is None and self.host is not None:
+            forwarded_host = self.host
+        self.forwarded = (forwarded_for, forwarded_proto, forwarded_host, upgrade_value)
+
         plan = self.state.router.match(
             self.method.decode("latin-1"),
             self.path,
@@ -418,18 +435,6 @@ class Exchange:
         if entry.rewrite is not None:
             path = entry.rewrite.apply(path)
 
-        peer = client.peer_host
-        trusted = client.trusted
-        if trusted and forwarded_for is not None:
-            forwarded_for = forwarded_for + b", " + peer.encode("latin-1")
-        else:
-            forwarded_for = peer.encode("latin-1")
-            forwarded_proto = forwarded_host = None
-        if forwarded_proto is None:
-            forwarded_proto = client.scheme
-        if forwarded_host is None and self.host is not None:
-            forwarded_host = self.host
-
         target = path.encode("latin-1")
         if self.query:
             target += b"?" + self.query
@@ -439,7 +444,6 @@ class Exchange:
             connection_tokens.discard(b"host")
             kept = [entry for entry in kept if entry[0] not in connection_tokens]
         self.kept = kept
-        self.forwarded = (forwarded_for, forwarded_proto, forwarded_host, upgrade_value)
         self.upstream_target = target
         return self._render_head()
 
@@ -560,7 +564,11 @@ class Exchange:
         assert splitter is not None
         sticky = plan.sticky
         if sticky is not None:
-            key = sticky_key(sticky, self.header_value, self.client.peer_host)
+            key = sticky_key(
+                sticky,
+                self.header_value,
+                self.client_address() if sticky.by == "ip" else "",
+            )
             if key is None and sticky.by == "cookie":
                 key = new_cookie_key()
                 self.set_cookie = set_cookie_header(sticky, key)
@@ -569,6 +577,18 @@ class Exchange:
                 return branches[splitter.pick_sticky(key)]
         self.decision = "random"
         return branches[splitter.pick_random()]
+
+    def client_address(self) -> str:
+        """Who the client is for `ip_hash` and `sticky: {by: ip}`.
+
+        The same address `rate_limit: {per: ip}` uses: the TCP peer, or
+        behind a trusted proxy the right-most untrusted `X-Forwarded-For`
+        entry; IPv6 clients count by their /64.
+        """
+        client = self.client
+        return self.state.client_addresses.of(
+            client.peer_host, client.trusted, self.forwarded[0]
+        )
 
     def _send_to_target(self) -> None:
         """Take a slot on the branch's upstream (circuit breaking), then a target."""
@@ -580,10 +600,11 @@ class Exchange:
         """A slot on the upstream is ours: pick a target and get a connection."""
         branch = self.branch
         assert branch is not None
-        self.holding = branch.upstream
+        upstream = self.holding = branch.upstream
         try:
-            self.target, self.pool = branch.upstream.pick(
-                self.client.peer_host, self.failed_targets
+            self.target, self.pool = upstream.pick(
+                self.client_address() if upstream.balancer.by_client else None,
+                self.failed_targets,
             )
         except UpstreamError as exc:
             self.upstream_failed(exc, False)
