@@ -12,7 +12,7 @@ from security_support import auth_rules, get, seen_headers, send, token, write_k
 from support import raw_exchange, status_of
 from twisted.internet import defer, protocol, reactor
 
-from strangler.security.paths import PathError, normalise_path
+from strangler.security.paths import PathError, normalise_path, routing_path
 
 ensure = pytest_twisted.ensureDeferred
 
@@ -142,19 +142,24 @@ async def test_every_smuggling_and_host_case_gets_400_closes_and_reaches_nothing
 
 
 PATHS = {
-    # sent -> what the upstream receives
-    b"/a/./b": "/a/b",
-    b"/a/../b": "/b",
-    b"//a///b": "/a/b",
-    b"/a/b/": "/a/b/",
-    b"/a/%2e%2e/b": "/b",
-    b"/a/.%2E/b": "/b",
-    b"/%61pi/%7Eme": "/api/~me",
-    b"/a;jsessionid=1/b;x": "/a/b",
-    b"/a/b/..;/c": "/a/c",
-    b"/files/a%2fb": "/files/a%2Fb",
-    b"/q%20r": "/q%20r",
-    b"/.well-known/x": "/.well-known/x",
+    # sent -> (what the upstream receives, what routes match)
+    b"/api/v1/users/42": ("/api/v1/users/42", "/api/v1/users/42"),
+    b"/a/./b": ("/a/b", "/a/b"),
+    b"/a/../b": ("/b", "/b"),
+    b"//a///b": ("/a/b", "/a/b"),
+    b"/a/b/": ("/a/b/", "/a/b/"),
+    b"/a/b/..": ("/a/", "/a/"),
+    b"/a/%2e%2e/b": ("/b", "/b"),
+    b"/a/.%2E/b": ("/b", "/b"),
+    b"/a%41b": ("/a%41b", "/aAb"),
+    b"/%61pi/%7Eme": ("/%61pi/%7Eme", "/api/~me"),
+    b"/a;jsessionid=1/b;x": ("/a;jsessionid=1/b;x", "/a/b"),
+    b"/cart/;jsessionid=1": ("/cart/;jsessionid=1", "/cart/"),
+    b"/files/a%2fb": ("/files/a%2fb", "/files/a%2Fb"),
+    b"/files/a%2fb/../c": ("/files/c", "/files/c"),
+    b"/q%20r": ("/q%20r", "/q%20r"),
+    b"/.well-known/x": ("/.well-known/x", "/.well-known/x"),
+    b"/a.b/c..d/...": ("/a.b/c..d/...", "/a.b/c..d/..."),
 }
 
 BAD_PATHS = [
@@ -164,17 +169,24 @@ BAD_PATHS = [
     b"/a\\b",
     b"/a%5C..%5Cadmin",
     b"/a%2F..%2Fadmin",
+    b"/a%2F..;x%2Fadmin",
     b"/a%252e%252e/admin",
     b"/a%00b",
     b"/a%0d%0aX-Injected:%201",
     b"/a%zz",
     b"/a%4",
+    b"/a;p%zz",
+    b"/a/b/..;/c",
+    b"/public/..;x/admin",
+    b"/a/.;x/b",
+    b"/a/%2e%2e;/b",
 ]
 
 
 @pytest.mark.parametrize(("sent", "expected"), PATHS.items())
 def test_normalise_path(sent, expected):
-    assert normalise_path(sent) == expected.encode()
+    wire = normalise_path(sent)
+    assert (wire, routing_path(wire)) == (expected[0].encode(), expected[1].encode())
 
 
 @pytest.mark.parametrize("sent", BAD_PATHS)
@@ -186,48 +198,89 @@ def test_unsafe_path_is_refused(sent):
 def test_plain_path_is_returned_as_is():
     path = b"/api/v1/users/42"
     assert normalise_path(path) is path
+    assert routing_path(path) is path
 
 
 @ensure
-async def test_upstream_receives_the_normalised_path(backends, gateway):
+async def test_upstream_receives_the_path_as_sent_after_normalisation(
+    backends, gateway
+):
     backend = backends("monolith")
     gw = gateway(rules(backend.url))
 
     for sent in PATHS:
         raw = await raw_exchange(
             gw.port,
-            b"GET " + sent + b"?x=%2e HTTP/1.1\r\n" + H + b"Connection: close\r\n\r\n",
+            b"GET "
+            + sent
+            + b"?x=%2e&y=%41;z HTTP/1.1\r\n"
+            + H
+            + b"Connection: close\r\n\r\n",
         )
         assert status_of(raw) == 200, sent
 
     assert [r["uri"] for r in backend.requests] == [
-        p + "?x=%2e" for p in PATHS.values()
+        wire + "?x=%2e&y=%41;z" for wire, _ in PATHS.values()
     ]
+    logged = [line["path"] for line in gw.log_lines()]
+    assert logged == [routed for _, routed in PATHS.values()]
 
 
 @ensure
-async def test_route_is_chosen_on_the_normalised_path(backends, gateway):
+async def test_route_is_chosen_on_what_the_upstream_acts_on(backends, gateway):
     mono, admin = backends("monolith"), backends("admin")
     text = rules(mono.url).replace(
         f"  admin:\n    targets: [{mono.url}]", f"  admin:\n    targets: [{admin.url}]"
     )
     gw = gateway(text)
 
+    sent = {
+        b"/public/../admin/x": "/admin/x",
+        b"//admin/x": "/admin/x",
+        b"/./admin/x": "/admin/x",
+        b"/%61dmin/x": "/%61dmin/x",
+        b"/ADMIN/../%61dmin": "/%61dmin",
+        b"/admin;x/x": "/admin;x/x",
+        b"/admin%2Fx": "/admin%2Fx",
+    }
+    for path in sent:
+        raw = await raw_exchange(
+            gw.port,
+            b"GET " + path + b" HTTP/1.1\r\n" + H + b"Connection: close\r\n\r\n",
+        )
+        assert status_of(raw) == 200, path
+
+    assert [r["uri"] for r in admin.requests] == list(sent.values())[:-1]
+    assert [r["uri"] for r in mono.requests] == ["/admin%2Fx"]
+
+
+@ensure
+async def test_rewrite_keeps_escapes_and_parameters_past_the_prefix(backends, gateway):
+    backend = backends("monolith")
+    routes = """
+  - name: v1
+    match: {path: /api/v1/users}
+    to: monolith
+    rewrite: {prefix: /api/v1/users, to: /api/v2/users}
+"""
+    gw = gateway(rules(backend.url) + routes)
+
     for sent in (
-        b"/public/../admin/x",
-        b"//admin/x",
-        b"/%61dmin/x",
-        b"/admin;x/x",
-        b"/./admin/x",
+        b"/api/v1/users/%41b;v=1/x%2fy",
+        b"/api/v1/%75sers/7",
+        b"/api/v1/users;jsessionid=9/8",
     ):
         raw = await raw_exchange(
             gw.port,
-            b"GET " + sent + b" HTTP/1.1\r\n" + H + b"Connection: close\r\n\r\n",
+            b"GET " + sent + b"?q=%41 HTTP/1.1\r\n" + H + b"Connection: close\r\n\r\n",
         )
         assert status_of(raw) == 200, sent
 
-    assert [r["uri"] for r in admin.requests] == ["/admin/x"] * 5
-    assert mono.requests == []
+    assert [r["uri"] for r in backend.requests] == [
+        "/api/v2/users/%41b;v=1/x%2fy?q=%41",
+        "/api/v2/users/7?q=%41",
+        "/api/v2/users/8?q=%41",
+    ]
 
 
 @ensure

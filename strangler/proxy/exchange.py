@@ -30,7 +30,7 @@ from strangler.proxy.header_edits import edit_request, edit_response
 from strangler.proxy.hooks import ShadowTap, Verdict
 from strangler.proxy.responses import error_response
 from strangler.security.identity import claims_identity
-from strangler.security.paths import PathError, normalise_path
+from strangler.security.paths import PathError, normalise_path, routing_path
 from strangler.security.request_head import framing_problem, host_problem
 from strangler.stickiness import new_cookie_key, set_cookie_header, sticky_key
 from strangler.transforms import TransformError
@@ -39,7 +39,7 @@ from strangler.transforms.xml_json import TRANSFORMS, content_type_for
 if TYPE_CHECKING:
     from strangler.balancing import TargetState
     from strangler.gateway import Branch, GatewayState, RoutePlan, UpstreamRuntime
-    from strangler.model import Transform
+    from strangler.model import Rewrite, Transform
     from strangler.proxy.downstream import ClientConnection
     from strangler.proxy.upstream import TargetPool, UpstreamConnection
 
@@ -150,6 +150,7 @@ class Exchange:
         "upgrade",
         "upstream_target",
         "url",
+        "wire_path",
     )
 
     def __init__(
@@ -177,6 +178,7 @@ class Exchange:
         self.content_length = 0
         self.request_id = ""
         self.path = ""
+        self.wire_path = b""
         self.query = b""
         self.host: bytes | None = None
         self.plan: RoutePlan | None = None
@@ -430,12 +432,8 @@ class Exchange:
         )
         self.plan = self.state.plan_for(plan)
         self.branch = self._choose_branch(self.plan)
-        path = self.path
-        entry = self.branch.entry
-        if entry.rewrite is not None:
-            path = entry.rewrite.apply(path)
 
-        target = path.encode("latin-1")
+        target = self.upstream_path(self.branch.entry.rewrite)
         if self.query:
             target += b"?" + self.query
         if connection_tokens is not None:
@@ -488,6 +486,7 @@ class Exchange:
         if url[:1] != b"/":
             if url == b"*" and self.method == b"OPTIONS":
                 self.path = "*"
+                self.wire_path = url
                 return True
             try:
                 parsed = httptools.parse_url(url)
@@ -499,13 +498,31 @@ class Exchange:
             url = parsed.path + (b"?" + parsed.query if parsed.query else b"")
         path, _, query = url.partition(b"?")
         try:
-            path = normalise_path(path.partition(b"#")[0])
+            wire = normalise_path(path.partition(b"#")[0])
         except PathError as exc:
             self.reject(400, "bad_request", str(exc))
             return False
-        self.path = path.decode("latin-1")
+        self.wire_path = wire
+        self.path = routing_path(wire).decode("latin-1")
         self.query = query.partition(b"#")[0]
         return True
+
+    def upstream_path(self, rewrite: Rewrite | None) -> bytes:
+        """The path the upstream receives, after `rewrite` if there is one.
+
+        Without a rewrite that is the client's path as sent (dot segments
+        resolved, see strangler.security.paths). A rewrite is applied to that
+        same spelling when it matches there, so escapes and `;parameters` past
+        a prefix survive; otherwise to the routing form it was written for.
+        """
+        wire = self.wire_path
+        if rewrite is None:
+            return wire
+        sent = wire.decode("latin-1")
+        rewritten = rewrite.apply(sent)
+        if rewritten == sent and sent != self.path:
+            rewritten = rewrite.apply(self.path)
+        return rewritten.encode("latin-1")
 
     def _body_within_limit(self) -> bool:
         """Refuse a declared body over `max_body` at once; a chunked one is counted."""
@@ -1022,10 +1039,7 @@ class Exchange:
         self.branch = fallback
         self.failed_targets = ()
         self.decision = "fallback"
-        path = self.path
-        if fallback.entry.rewrite is not None:
-            path = fallback.entry.rewrite.apply(path)
-        target = path.encode("latin-1")
+        target = self.upstream_path(fallback.entry.rewrite)
         self.upstream_target = target + b"?" + self.query if self.query else target
         self.head_bytes = self._render_head()
         self._send_to_target()
