@@ -7,9 +7,9 @@ from dataclasses import replace
 
 import pytest_twisted
 import support
-from cli_support import run_cli
+from cli_support import ServeProcess, run_cli
 from support import header_values, raw_exchange, status_of, write_rules
-from twisted.internet import protocol, reactor
+from twisted.internet import defer, protocol, reactor
 
 from strangler.model import HeaderEdits, HeaderRules
 from strangler.rules import load_rules
@@ -504,24 +504,26 @@ class _TunnelClient(protocol.Protocol):
             self.done.callback(self.received)
 
 
+def open_tunnel(port: int) -> defer.Deferred[bytes]:
+    """Upgrade a connection through the gateway, send a frame, return all received."""
+    done: defer.Deferred[bytes] = defer.Deferred()
+    client_factory = protocol.ClientFactory.forProtocol(lambda: _TunnelClient(done))
+    client_factory.protocol = lambda: _TunnelClient(done)  # type: ignore[assignment]
+    reactor.connectTCP("127.0.0.1", port, client_factory)
+    timer = reactor.callLater(5, lambda: done.called or done.callback(b"timeout"))
+    done.addBoth(lambda result: (timer.active() and timer.cancel(), result)[1])
+    return done
+
+
 @ensure
 async def test_websocket_upgrade_becomes_a_two_way_tunnel(backends, gateway):
-    from twisted.internet import defer
-
     factory = protocol.Factory.forProtocol(_UpgradeBackend)
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
     mono = f"http://127.0.0.1:{port.getHost().port}"
     users = backends("users")
     gw = gateway(two_upstreams(mono, users.url))
-    done: defer.Deferred[bytes] = defer.Deferred()
     try:
-        client_factory = protocol.ClientFactory.forProtocol(lambda: _TunnelClient(done))
-        client_factory.protocol = lambda: _TunnelClient(done)  # type: ignore[assignment]
-        reactor.connectTCP("127.0.0.1", gw.port, client_factory)
-        timer = reactor.callLater(5, lambda: done.called or done.callback(b"timeout"))
-        received = await done
-        if timer.active():
-            timer.cancel()
+        received = await open_tunnel(gw.port)
     finally:
         await port.stopListening()
 
@@ -763,3 +765,126 @@ async def test_trusted_proxy_forwarded_proto_and_host_survive_without_for(
     assert headers["x-forwarded-for"] == ["127.0.0.1"]
     assert headers["x-forwarded-proto"] == ["https"]
     assert headers["x-forwarded-host"] == ["shop.example"]
+
+
+# -- the same features through `strangler serve`, the way a user runs it ---------
+
+SERVED = """
+listen: 127.0.0.1:0
+access_log: false
+upstreams:
+  monolith:
+    balance: round_robin
+    targets:
+      - {{url: {heavy}, weight: 3}}
+      - {{url: {light}, weight: 1}}
+  users:
+    targets: [{users}]
+  hops:
+    targets: [{hops}]
+  sockets:
+    targets: [{sockets}]
+  gone:
+    targets: [{gone}]
+default: monolith
+routes:
+  - name: users-v1
+    match: {{path: /api/v1/users}}
+    to: users
+    rewrite: {{prefix: /api/v1/users, to: /api/v2/users}}
+  - name: hops
+    match: {{path: /hop}}
+    to: hops
+  - name: sockets
+    match: {{path: /ws}}
+    to: sockets
+  - name: gone
+    match: {{path: /gone}}
+    to: gone
+  - name: slow
+    match: {{path: /slow}}
+    to: monolith
+    timeout: 300ms
+"""
+
+
+@ensure
+async def test_strangler_serve_relays_every_proxy_feature(backends, tmp_path):
+    heavy, light, users = backends("heavy"), backends("light"), backends("users")
+    listening = [
+        reactor.listenTCP(0, protocol.Factory.forProtocol(kind), interface="127.0.0.1")
+        for kind in (_HopByHopBackend, _UpgradeBackend)
+    ]
+    hops, sockets = (f"http://127.0.0.1:{p.getHost().port}" for p in listening)
+    dead = backends("dead")
+    gone = dead.url
+    await dead.stop()
+    rules = write_rules(
+        tmp_path,
+        SERVED.format(
+            heavy=heavy.url,
+            light=light.url,
+            users=users.url,
+            hops=hops,
+            sockets=sockets,
+            gone=gone,
+        ),
+    )
+    served = ServeProcess(rules)
+    try:
+        port = served.port
+        routed = await raw_exchange(
+            port,
+            b"GET /api/v1/users/7?x=%41 HTTP/1.1\r\nHost: shop.test\r\n"
+            b"Connection: close, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\n"
+            b"TE: trailers\r\nProxy-Authorization: Basic abc\r\n"
+            b"X-Forwarded-For: 6.6.6.6\r\n\r\n",
+        )
+        balanced = [
+            await raw_exchange(
+                port, b"GET /spread HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+            )
+            for _ in range(8)
+        ]
+        hop = await raw_exchange(
+            port, b"GET /hop HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        )
+        unreachable = await raw_exchange(
+            port, b"GET /gone HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        )
+        slow = await raw_exchange(
+            port, b"GET /slow?ms=3000 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        )
+        tunnel = await open_tunnel(port)
+    finally:
+        code = served.stop()
+        for listener in listening:
+            await listener.stopListening()
+
+    assert code == 0
+    assert status_of(routed) == 200
+    (seen,) = users.requests
+    assert seen["uri"] == "/api/v2/users/7?x=%41"
+    headers = seen_headers(seen)
+    for dropped in ("x-secret", "keep-alive", "te", "proxy-authorization"):
+        assert dropped not in headers, dropped
+    assert headers["host"] == ["shop.test"]
+    assert headers["x-forwarded-for"] == ["127.0.0.1"]
+    assert headers["x-forwarded-proto"] == ["http"]
+    assert headers["x-forwarded-host"] == ["shop.test"]
+
+    names = [header_values(raw, b"x-served-by")[0] for raw in balanced]
+    assert (names.count(b"heavy"), names.count(b"light")) == (6, 2)
+
+    assert status_of(hop) == 200
+    for dropped in (b"x-foo", b"keep-alive", b"proxy-authenticate", b"upgrade"):
+        assert header_values(hop, dropped) == [], dropped
+    assert header_values(hop, b"x-end-to-end") == [b"kept"]
+
+    assert status_of(unreachable) == 502
+    assert b'"error":"upstream_unreachable"' in unreachable
+    assert status_of(slow) == 504
+    assert b'"error":"upstream_timeout"' in slow
+
+    assert tunnel.startswith(b"HTTP/1.1 101 ")
+    assert b"PING-FROM-CLIENT" in tunnel
