@@ -49,6 +49,7 @@ PENDING_PAUSE = 64 * 1024
 _CRLF = b"\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
 _NO_BODY_STATUS = frozenset({204, 304})
+_UNDERSCORE = 0x5F  # an int: `int in bytes` skips the buffer protocol, `b"_"` not
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 _DROP_FROM_RESPONSE = frozenset({b"x-request-id"})
 _PASS_ON_101 = frozenset({b"upgrade", b"connection"})
@@ -383,7 +384,7 @@ class Exchange:
             elif lname.startswith(b"proxy-") or lname == b"x-strangler-shadow":
                 # Only the gateway marks mirrored copies; a client cannot.
                 continue
-            elif b"_" in lname and hdr.gateway_managed(lname):
+            elif _UNDERSCORE in lname and hdr.gateway_managed(lname):
                 # `X_Forwarded_For` reads as HTTP_X_FORWARDED_FOR to CGI, WSGI
                 # and PHP, the same as the header the gateway writes.
                 continue
@@ -433,7 +434,8 @@ class Exchange:
         self.plan = self.state.plan_for(plan)
         self.branch = self._choose_branch(self.plan)
 
-        target = self.upstream_path(self.branch.entry.rewrite)
+        rewrite = self.branch.entry.rewrite
+        target = self.wire_path if rewrite is None else self.upstream_path(rewrite)
         if self.query:
             target += b"?" + self.query
         if connection_tokens is not None:
@@ -497,13 +499,16 @@ class Exchange:
                 return False
             url = parsed.path + (b"?" + parsed.query if parsed.query else b"")
         path, _, query = url.partition(b"?")
+        path = path.partition(b"#")[0]
         try:
-            wire = normalise_path(path.partition(b"#")[0])
+            wire = normalise_path(path)
         except PathError as exc:
             self.reject(400, "bad_request", str(exc))
             return False
         self.wire_path = wire
-        self.path = routing_path(wire).decode("latin-1")
+        # A path returned as it came has no escapes or parameters to read.
+        routed = wire if wire is path else routing_path(wire)
+        self.path = routed.decode("latin-1")
         self.query = query.partition(b"#")[0]
         return True
 

@@ -23,11 +23,11 @@ def _canonical(lname: bytes) -> bytes:
 def claims_identity(lname: bytes, strip: frozenset[bytes]) -> bool:
     """Whether a client header (lower-case name) is one of the identity headers.
 
-    `strip` holds the names with `-` only; a client's `_` counts as `-`,
+    `strip` holds the names with `-` only; a client's `_` (0x5F) counts as `-`,
     since CGI, WSGI and PHP read `X_User_Id` and `X-User-Id` as the same
     `HTTP_X_USER_ID`. nginx and Envoy drop underscore headers for that reason.
     """
-    return lname in strip or (b"_" in lname and _canonical(lname) in strip)
+    return lname in strip or (0x5F in lname and _canonical(lname) in strip)
 
 
 @dataclass(frozen=True, slots=True)

@@ -58,7 +58,8 @@ _DOUBLE_ENCODED = re.compile(rb"%25(?:2e|2f|5c)", re.IGNORECASE)
 def normalise_path(raw: bytes) -> bytes:
     """The wire form of `raw` (which starts with `/`), or `PathError`.
 
-    A path that needs nothing is returned as the same object.
+    A path that needs nothing is returned as the same object, and only a
+    path without escapes or `;parameters` is: its routing form is itself.
     """
     if not raw.translate(None, _PLAIN) and b"//" not in raw and b"/." not in raw:
         return raw
