@@ -107,6 +107,8 @@ class Balancer:
     """
 
     name = ""
+    by_client = False
+    """Whether `pick` uses the client address (the proxy computes it only then)."""
 
     def __init__(
         self,
@@ -358,6 +360,7 @@ class IpHash(Balancer):
     """
 
     name = "ip_hash"
+    by_client = True
 
     def __init__(
         self,

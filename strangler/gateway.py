@@ -29,6 +29,7 @@ from strangler.runtime_weights import (
     WeightOverride,
     resolve_weights,
 )
+from strangler.security.rate_limit import ClientAddresses
 from strangler.shadow.mirror import build_mirror
 from strangler.shadow.registry import ShadowRegistry
 from strangler.splitting import Splitter
@@ -175,6 +176,7 @@ class GatewayState:
         # `Gateway` once this state is in use, not while it is being built.
         self.stale_overrides: list[str] = []
         self.router = Router(rules.routes)
+        self.client_addresses = ClientAddresses(rules.trusted_proxies)
         self.upstreams: dict[str, UpstreamRuntime] = {}
         try:
             self._bind_upstreams(rules, reactor, previous)

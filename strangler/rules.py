@@ -68,6 +68,7 @@ from strangler.model import (
     Upstream,
     UpstreamTls,
 )
+from strangler.proxy.headers import gateway_managed
 from strangler.security.api_keys import digest_of_entry, keys_in_file
 from strangler.security.jwt_keys import (
     ALGORITHM_FAMILY,
@@ -760,19 +761,39 @@ def _header_pairs(
         )
         return None
     pairs = []
+    complete = True
     for name, raw in value.items():
-        header = _token(checker, name, (*path, name))
+        header = _editable_header(checker, name, (*path, name))
         text = _header_template(checker, raw, (*path, name))
         if header is None or text is None:
-            return None
-        pairs.append((header, text))
-    return tuple(pairs)
+            complete = False
+        else:
+            pairs.append((header, text))
+    return tuple(pairs) if complete else None
+
+
+def _editable_header(checker: _Checker, value: Any, path: KeyPath) -> str | None:
+    """A header name a `headers` rule may change: not framing, hop-by-hop or ours."""
+    name = _token(checker, value, path)
+    if name is not None and gateway_managed(name.lower().encode("latin-1")):
+        checker.report(
+            path,
+            f"{name!r} is a framing or hop-by-hop header, or one the gateway "
+            "writes itself; a header rule cannot change it",
+        )
+        return None
+    return name
+
+
+def _editable_header_name(checker: _Checker, value: Any, path: KeyPath) -> str | None:
+    name = _editable_header(checker, value, path)
+    return name.lower() if name is not None else None
 
 
 _HEADER_EDITS = {
     "set": _header_pairs,
     "add": _header_pairs,
-    "remove": _list_of(_header_name),
+    "remove": _list_of(_editable_header_name),
 }
 
 

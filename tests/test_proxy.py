@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest_twisted
-from support import header_values, raw_exchange, status_of
-from twisted.internet import protocol, reactor
+import support
+from cli_support import ServeProcess, run_cli
+from support import header_values, raw_exchange, status_of, write_rules
+from twisted.internet import defer, protocol, reactor
+
+from strangler.model import HeaderEdits, HeaderRules
+from strangler.rules import load_rules
 
 ensure = pytest_twisted.ensureDeferred
 
@@ -498,24 +504,26 @@ class _TunnelClient(protocol.Protocol):
             self.done.callback(self.received)
 
 
+def open_tunnel(port: int) -> defer.Deferred[bytes]:
+    """Upgrade a connection through the gateway, send a frame, return all received."""
+    done: defer.Deferred[bytes] = defer.Deferred()
+    client_factory = protocol.ClientFactory.forProtocol(lambda: _TunnelClient(done))
+    client_factory.protocol = lambda: _TunnelClient(done)  # type: ignore[assignment]
+    reactor.connectTCP("127.0.0.1", port, client_factory)
+    timer = reactor.callLater(5, lambda: done.called or done.callback(b"timeout"))
+    done.addBoth(lambda result: (timer.active() and timer.cancel(), result)[1])
+    return done
+
+
 @ensure
 async def test_websocket_upgrade_becomes_a_two_way_tunnel(backends, gateway):
-    from twisted.internet import defer
-
     factory = protocol.Factory.forProtocol(_UpgradeBackend)
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
     mono = f"http://127.0.0.1:{port.getHost().port}"
     users = backends("users")
     gw = gateway(two_upstreams(mono, users.url))
-    done: defer.Deferred[bytes] = defer.Deferred()
     try:
-        client_factory = protocol.ClientFactory.forProtocol(lambda: _TunnelClient(done))
-        client_factory.protocol = lambda: _TunnelClient(done)  # type: ignore[assignment]
-        reactor.connectTCP("127.0.0.1", gw.port, client_factory)
-        timer = reactor.callLater(5, lambda: done.called or done.callback(b"timeout"))
-        received = await done
-        if timer.active():
-            timer.cancel()
+        received = await open_tunnel(gw.port)
     finally:
         await port.stopListening()
 
@@ -523,3 +531,360 @@ async def test_websocket_upgrade_becomes_a_two_way_tunnel(backends, gateway):
     assert header_values(received, b"upgrade") == [b"websocket"]
     assert b"hello-from-upstream" in received
     assert b"PING-FROM-CLIENT" in received
+
+
+# -- header edit rules never touch framing or the gateway's own headers ---------
+
+MANAGED_EDITS = """
+listen: 127.0.0.1:0
+upstreams:
+  monolith:
+    targets: [http://127.0.0.1:9001]
+default: monolith
+routes:
+  - name: edits
+    match: {path: /edits}
+    to: monolith
+    headers:
+      request:
+        set: {Content-Length: "0", X-Fine: "1"}
+        add: {Transfer-Encoding: chunked, X_Request_Id: forged}
+        remove: [Host, Proxy-Authorization]
+      response:
+        set: {Content-Length: "1"}
+        add: {Connection: close, X-Forwarded-For: 1.2.3.4}
+"""
+
+
+def test_check_refuses_header_edits_of_managed_headers(tmp_path):
+    path = write_rules(tmp_path, MANAGED_EDITS)
+
+    result = run_cli("check", str(path))
+
+    assert result.returncode != 0
+    where = "routes[0].headers"
+    expected = [
+        (13, f"{where}.request.set.Content-Length"),
+        (14, f"{where}.request.add.Transfer-Encoding"),
+        (14, f"{where}.request.add.X_Request_Id"),
+        (15, f"{where}.request.remove[0]"),
+        (15, f"{where}.request.remove[1]"),
+        (17, f"{where}.response.set.Content-Length"),
+        (18, f"{where}.response.add.Connection"),
+        (18, f"{where}.response.add.X-Forwarded-For"),
+    ]
+    lines = result.stderr.splitlines() + result.stdout.splitlines()
+    for line, key in expected:
+        prefix = f"{path}:{line}: {key}: "
+        assert any(
+            text.startswith(prefix) and "cannot change it" in text for text in lines
+        ), (prefix, lines)
+
+
+@ensure
+async def test_edits_of_managed_headers_are_skipped_even_past_the_checker(
+    backends, gateway, monkeypatch
+):
+    """Rules built without the checker still cannot reframe either side."""
+    mono, users = backends("monolith"), backends("users")
+    forced = HeaderRules(
+        request=HeaderEdits(
+            set=(("Content-Length", "0"), ("X-Fine", "1")),
+            add=(("Content-Length", "99"), ("Transfer-Encoding", "chunked")),
+            remove=("Host",),
+        ),
+        response=HeaderEdits(
+            set=(("Content-Length", "1"),), add=(("Transfer-Encoding", "chunked"),)
+        ),
+    )
+
+    def with_forced_edits(path):  # type: ignore[no-untyped-def]
+        rules = load_rules(path)
+        route = rules.routes[0]
+        entry = replace(route.split[0], headers=forced)
+        return replace(rules, routes=(replace(route, split=(entry,)),))
+
+    monkeypatch.setattr(support, "load_rules", with_forced_edits)
+    gw = gateway(two_upstreams(mono.url, users.url))
+
+    post = b"POST /api/v2/users HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello"
+    raw = await raw_exchange(
+        gw.port,
+        post + b"GET /api/v2/users/2 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+
+    first, second = users.requests
+    assert seen_headers(first)["content-length"] == ["5"]
+    assert "transfer-encoding" not in seen_headers(first)
+    assert seen_headers(first)["host"] == ["a"]
+    assert seen_headers(first)["x-fine"] == ["1"]
+    assert first["body"] == "hello"
+    assert second["uri"] == "/api/v2/users/2"
+    replies = raw.split(b"HTTP/1.1 200 ")
+    assert len(replies) == 3
+    for reply in replies[1:]:
+        head, body = reply.split(b"\r\n\r\n", 1)
+        lengths = header_values(
+            b"HTTP/1.1 200 " + head + b"\r\n\r\n", b"content-length"
+        )
+        assert len(lengths) == 1
+        assert len(body) == int(lengths[0])
+        assert body.startswith(b"{") and body.endswith(b"}")
+
+
+class _HopByHopBackend(protocol.Protocol):
+    """Answers every request with a response full of hop-by-hop headers."""
+
+    def dataReceived(self, data: bytes) -> None:
+        if b"\r\n\r\n" in data:
+            self.transport.write(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
+                b"Connection: X-Foo\r\nX-Foo: secret\r\nKeep-Alive: timeout=5\r\n"
+                b"Proxy-Authenticate: Basic realm=upstream\r\nProxy-Thing: 1\r\n"
+                b"Trailer: X-Sum\r\nUpgrade: h2c\r\nTE: trailers\r\n"
+                b"X-End-To-End: kept\r\n\r\nok"
+            )
+
+
+@ensure
+async def test_hop_by_hop_headers_are_removed_toward_client(backends, gateway):
+    port = reactor.listenTCP(
+        0, protocol.Factory.forProtocol(_HopByHopBackend), interface="127.0.0.1"
+    )
+    users = backends("users")
+    try:
+        gw = gateway(
+            two_upstreams(f"http://127.0.0.1:{port.getHost().port}", users.url)
+        )
+        raw = await raw_exchange(
+            gw.port, b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        )
+    finally:
+        await port.stopListening()
+
+    assert status_of(raw) == 200
+    for dropped in (
+        b"x-foo",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-thing",
+        b"trailer",
+        b"upgrade",
+        b"te",
+    ):
+        assert header_values(raw, dropped) == [], dropped
+    assert header_values(raw, b"connection") == [b"close"]
+    assert header_values(raw, b"x-end-to-end") == [b"kept"]
+    assert raw.endswith(b"\r\n\r\nok")
+
+
+# -- the client address behind a trusted proxy ----------------------------------
+
+
+def client_keyed(a: str, b: str, trusted: bool) -> str:
+    return f"""
+listen: 127.0.0.1:0
+access_log: false
+{"trusted_proxies: [127.0.0.0/8]" if trusted else ""}
+upstreams:
+  hashed:
+    balance: ip_hash
+    targets: [{a}, {b}]
+  left:
+    targets: [{a}]
+  right:
+    targets: [{b}]
+default: hashed
+routes:
+  - name: sticky
+    match: {{path: /sticky}}
+    split:
+      - {{to: left, weight: 50}}
+      - {{to: right, weight: 50}}
+    sticky: {{by: ip}}
+"""
+
+
+async def served_by(port: int, path: str, forwarded_for: str) -> str:
+    raw = await raw_exchange(
+        port,
+        f"GET {path} HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: {forwarded_for}\r\n"
+        "Connection: close\r\n\r\n".encode(),
+    )
+    assert status_of(raw) == 200
+    return header_values(raw, b"x-served-by")[0].decode()
+
+
+@ensure
+async def test_ip_hash_and_sticky_ip_use_the_forwarded_client_behind_a_trusted_proxy(
+    backends, gateway
+):
+    a, b = backends("a"), backends("b")
+    gw = gateway(client_keyed(a.url, b.url, trusted=True))
+    clients = [f"203.0.113.{i}" for i in range(1, 41)]
+
+    for path in ("/hashed", "/sticky"):
+        first = {ip: await served_by(gw.port, path, ip) for ip in clients}
+        again = {ip: await served_by(gw.port, path, ip) for ip in clients[:10]}
+        chained = await served_by(gw.port, path, f"198.51.100.7, {clients[0]}")
+
+        assert set(first.values()) == {"a", "b"}, path
+        assert again == {ip: first[ip] for ip in clients[:10]}, path
+        # Only the right-most untrusted entry counts; what is left of it is
+        # the client's own say.
+        assert chained == first[clients[0]], path
+
+
+@ensure
+async def test_ip_hash_and_sticky_ip_ignore_forwarded_for_from_untrusted_peers(
+    backends, gateway
+):
+    a, b = backends("a"), backends("b")
+    gw = gateway(client_keyed(a.url, b.url, trusted=False))
+
+    for path in ("/hashed", "/sticky"):
+        seen = {await served_by(gw.port, path, f"203.0.113.{i}") for i in range(20)}
+        assert len(seen) == 1, path
+
+
+@ensure
+async def test_trusted_proxy_forwarded_proto_and_host_survive_without_for(
+    backends, gateway, client
+):
+    mono, users = backends("monolith"), backends("users")
+    gw = gateway(
+        two_upstreams(mono.url, users.url, extra="trusted_proxies: [127.0.0.0/8]")
+    )
+
+    await client.get(
+        gw.url + "/",
+        headers={"X-Forwarded-Proto": ["https"], "X-Forwarded-Host": ["shop.example"]},
+    )
+
+    headers = seen_headers(mono.requests[0])
+    assert headers["x-forwarded-for"] == ["127.0.0.1"]
+    assert headers["x-forwarded-proto"] == ["https"]
+    assert headers["x-forwarded-host"] == ["shop.example"]
+
+
+# -- the same features through `strangler serve`, the way a user runs it ---------
+
+SERVED = """
+listen: 127.0.0.1:0
+access_log: false
+upstreams:
+  monolith:
+    balance: round_robin
+    targets:
+      - {{url: {heavy}, weight: 3}}
+      - {{url: {light}, weight: 1}}
+  users:
+    targets: [{users}]
+  hops:
+    targets: [{hops}]
+  sockets:
+    targets: [{sockets}]
+  gone:
+    targets: [{gone}]
+default: monolith
+routes:
+  - name: users-v1
+    match: {{path: /api/v1/users}}
+    to: users
+    rewrite: {{prefix: /api/v1/users, to: /api/v2/users}}
+  - name: hops
+    match: {{path: /hop}}
+    to: hops
+  - name: sockets
+    match: {{path: /ws}}
+    to: sockets
+  - name: gone
+    match: {{path: /gone}}
+    to: gone
+  - name: slow
+    match: {{path: /slow}}
+    to: monolith
+    timeout: 300ms
+"""
+
+
+@ensure
+async def test_strangler_serve_relays_every_proxy_feature(backends, tmp_path):
+    heavy, light, users = backends("heavy"), backends("light"), backends("users")
+    listening = [
+        reactor.listenTCP(0, protocol.Factory.forProtocol(kind), interface="127.0.0.1")
+        for kind in (_HopByHopBackend, _UpgradeBackend)
+    ]
+    hops, sockets = (f"http://127.0.0.1:{p.getHost().port}" for p in listening)
+    dead = backends("dead")
+    gone = dead.url
+    await dead.stop()
+    rules = write_rules(
+        tmp_path,
+        SERVED.format(
+            heavy=heavy.url,
+            light=light.url,
+            users=users.url,
+            hops=hops,
+            sockets=sockets,
+            gone=gone,
+        ),
+    )
+    served = ServeProcess(rules)
+    try:
+        port = served.port
+        routed = await raw_exchange(
+            port,
+            b"GET /api/v1/users/7?x=%41 HTTP/1.1\r\nHost: shop.test\r\n"
+            b"Connection: close, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\n"
+            b"TE: trailers\r\nProxy-Authorization: Basic abc\r\n"
+            b"X-Forwarded-For: 6.6.6.6\r\n\r\n",
+        )
+        balanced = [
+            await raw_exchange(
+                port, b"GET /spread HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+            )
+            for _ in range(8)
+        ]
+        hop = await raw_exchange(
+            port, b"GET /hop HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        )
+        unreachable = await raw_exchange(
+            port, b"GET /gone HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        )
+        slow = await raw_exchange(
+            port, b"GET /slow?ms=3000 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        )
+        tunnel = await open_tunnel(port)
+    finally:
+        code = served.stop()
+        for listener in listening:
+            await listener.stopListening()
+
+    assert code == 0
+    assert status_of(routed) == 200
+    (seen,) = users.requests
+    assert seen["uri"] == "/api/v2/users/7?x=%41"
+    headers = seen_headers(seen)
+    for dropped in ("x-secret", "keep-alive", "te", "proxy-authorization"):
+        assert dropped not in headers, dropped
+    assert headers["host"] == ["shop.test"]
+    assert headers["x-forwarded-for"] == ["127.0.0.1"]
+    assert headers["x-forwarded-proto"] == ["http"]
+    assert headers["x-forwarded-host"] == ["shop.test"]
+
+    names = [header_values(raw, b"x-served-by")[0] for raw in balanced]
+    assert (names.count(b"heavy"), names.count(b"light")) == (6, 2)
+
+    assert status_of(hop) == 200
+    for dropped in (b"x-foo", b"keep-alive", b"proxy-authenticate", b"upgrade"):
+        assert header_values(hop, dropped) == [], dropped
+    assert header_values(hop, b"x-end-to-end") == [b"kept"]
+
+    assert status_of(unreachable) == 502
+    assert b'"error":"upstream_unreachable"' in unreachable
+    assert status_of(slow) == 504
+    assert b'"error":"upstream_timeout"' in slow
+
+    assert tunnel.startswith(b"HTTP/1.1 101 ")
+    assert b"PING-FROM-CLIENT" in tunnel

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
-from security_support import send
+from security_support import auth_rules, get, seen_headers, send, token, write_keys
 from support import raw_exchange, status_of
-from twisted.internet import protocol, reactor
+from twisted.internet import defer, protocol, reactor
 
-from strangler.security.paths import PathError, normalise_path
+from strangler.security.paths import PathError, normalise_path, routing_path
 
 ensure = pytest_twisted.ensureDeferred
 
@@ -142,19 +142,24 @@ async def test_every_smuggling_and_host_case_gets_400_closes_and_reaches_nothing
 
 
 PATHS = {
-    # sent -> what the upstream receives
-    b"/a/./b": "/a/b",
-    b"/a/../b": "/b",
-    b"//a///b": "/a/b",
-    b"/a/b/": "/a/b/",
-    b"/a/%2e%2e/b": "/b",
-    b"/a/.%2E/b": "/b",
-    b"/%61pi/%7Eme": "/api/~me",
-    b"/a;jsessionid=1/b;x": "/a/b",
-    b"/a/b/..;/c": "/a/c",
-    b"/files/a%2fb": "/files/a%2Fb",
-    b"/q%20r": "/q%20r",
-    b"/.well-known/x": "/.well-known/x",
+    # sent -> (what the upstream receives, what routes match)
+    b"/api/v1/users/42": ("/api/v1/users/42", "/api/v1/users/42"),
+    b"/a/./b": ("/a/b", "/a/b"),
+    b"/a/../b": ("/b", "/b"),
+    b"//a///b": ("/a/b", "/a/b"),
+    b"/a/b/": ("/a/b/", "/a/b/"),
+    b"/a/b/..": ("/a/", "/a/"),
+    b"/a/%2e%2e/b": ("/b", "/b"),
+    b"/a/.%2E/b": ("/b", "/b"),
+    b"/a%41b": ("/a%41b", "/aAb"),
+    b"/%61pi/%7Eme": ("/%61pi/%7Eme", "/api/~me"),
+    b"/a;jsessionid=1/b;x": ("/a;jsessionid=1/b;x", "/a/b"),
+    b"/cart/;jsessionid=1": ("/cart/;jsessionid=1", "/cart/"),
+    b"/files/a%2fb": ("/files/a%2fb", "/files/a%2Fb"),
+    b"/files/a%2fb/../c": ("/files/c", "/files/c"),
+    b"/q%20r": ("/q%20r", "/q%20r"),
+    b"/.well-known/x": ("/.well-known/x", "/.well-known/x"),
+    b"/a.b/c..d/...": ("/a.b/c..d/...", "/a.b/c..d/..."),
 }
 
 BAD_PATHS = [
@@ -164,17 +169,24 @@ BAD_PATHS = [
     b"/a\\b",
     b"/a%5C..%5Cadmin",
     b"/a%2F..%2Fadmin",
+    b"/a%2F..;x%2Fadmin",
     b"/a%252e%252e/admin",
     b"/a%00b",
     b"/a%0d%0aX-Injected:%201",
     b"/a%zz",
     b"/a%4",
+    b"/a;p%zz",
+    b"/a/b/..;/c",
+    b"/public/..;x/admin",
+    b"/a/.;x/b",
+    b"/a/%2e%2e;/b",
 ]
 
 
 @pytest.mark.parametrize(("sent", "expected"), PATHS.items())
 def test_normalise_path(sent, expected):
-    assert normalise_path(sent) == expected.encode()
+    wire = normalise_path(sent)
+    assert (wire, routing_path(wire)) == (expected[0].encode(), expected[1].encode())
 
 
 @pytest.mark.parametrize("sent", BAD_PATHS)
@@ -186,48 +198,89 @@ def test_unsafe_path_is_refused(sent):
 def test_plain_path_is_returned_as_is():
     path = b"/api/v1/users/42"
     assert normalise_path(path) is path
+    assert routing_path(path) is path
 
 
 @ensure
-async def test_upstream_receives_the_normalised_path(backends, gateway):
+async def test_upstream_receives_the_path_as_sent_after_normalisation(
+    backends, gateway
+):
     backend = backends("monolith")
     gw = gateway(rules(backend.url))
 
     for sent in PATHS:
         raw = await raw_exchange(
             gw.port,
-            b"GET " + sent + b"?x=%2e HTTP/1.1\r\n" + H + b"Connection: close\r\n\r\n",
+            b"GET "
+            + sent
+            + b"?x=%2e&y=%41;z HTTP/1.1\r\n"
+            + H
+            + b"Connection: close\r\n\r\n",
         )
         assert status_of(raw) == 200, sent
 
     assert [r["uri"] for r in backend.requests] == [
-        p + "?x=%2e" for p in PATHS.values()
+        wire + "?x=%2e&y=%41;z" for wire, _ in PATHS.values()
     ]
+    logged = [line["path"] for line in gw.log_lines()]
+    assert logged == [routed for _, routed in PATHS.values()]
 
 
 @ensure
-async def test_route_is_chosen_on_the_normalised_path(backends, gateway):
+async def test_route_is_chosen_on_what_the_upstream_acts_on(backends, gateway):
     mono, admin = backends("monolith"), backends("admin")
     text = rules(mono.url).replace(
         f"  admin:\n    targets: [{mono.url}]", f"  admin:\n    targets: [{admin.url}]"
     )
     gw = gateway(text)
 
+    sent = {
+        b"/public/../admin/x": "/admin/x",
+        b"//admin/x": "/admin/x",
+        b"/./admin/x": "/admin/x",
+        b"/%61dmin/x": "/%61dmin/x",
+        b"/ADMIN/../%61dmin": "/%61dmin",
+        b"/admin;x/x": "/admin;x/x",
+        b"/admin%2Fx": "/admin%2Fx",
+    }
+    for path in sent:
+        raw = await raw_exchange(
+            gw.port,
+            b"GET " + path + b" HTTP/1.1\r\n" + H + b"Connection: close\r\n\r\n",
+        )
+        assert status_of(raw) == 200, path
+
+    assert [r["uri"] for r in admin.requests] == list(sent.values())[:-1]
+    assert [r["uri"] for r in mono.requests] == ["/admin%2Fx"]
+
+
+@ensure
+async def test_rewrite_keeps_escapes_and_parameters_past_the_prefix(backends, gateway):
+    backend = backends("monolith")
+    routes = """
+  - name: v1
+    match: {path: /api/v1/users}
+    to: monolith
+    rewrite: {prefix: /api/v1/users, to: /api/v2/users}
+"""
+    gw = gateway(rules(backend.url) + routes)
+
     for sent in (
-        b"/public/../admin/x",
-        b"//admin/x",
-        b"/%61dmin/x",
-        b"/admin;x/x",
-        b"/./admin/x",
+        b"/api/v1/users/%41b;v=1/x%2fy",
+        b"/api/v1/%75sers/7",
+        b"/api/v1/users;jsessionid=9/8",
     ):
         raw = await raw_exchange(
             gw.port,
-            b"GET " + sent + b" HTTP/1.1\r\n" + H + b"Connection: close\r\n\r\n",
+            b"GET " + sent + b"?q=%41 HTTP/1.1\r\n" + H + b"Connection: close\r\n\r\n",
         )
         assert status_of(raw) == 200, sent
 
-    assert [r["uri"] for r in admin.requests] == ["/admin/x"] * 5
-    assert mono.requests == []
+    assert [r["uri"] for r in backend.requests] == [
+        "/api/v2/users/%41b;v=1/x%2fy?q=%41",
+        "/api/v2/users/7?q=%41",
+        "/api/v2/users/8?q=%41",
+    ]
 
 
 @ensure
@@ -387,3 +440,197 @@ async def test_upstream_response_with_conflicting_framing_gets_502(gateway):
         await port.stopListening()
 
     assert status_of(raw) == 502
+
+
+class _Trickle(protocol.Protocol):
+    """Writes its pieces one reactor turn apart, as a slow client would."""
+
+    def __init__(self, pieces: list[bytes], done: defer.Deferred[bytes]) -> None:
+        self.pieces = list(pieces)
+        self.done = done
+        self.received = bytearray()
+        self.call = None
+
+    def connectionMade(self) -> None:
+        self._next()
+
+    def _next(self) -> None:
+        self.call = None
+        if self.pieces and self.transport.connected:
+            self.transport.write(self.pieces.pop(0))
+            self.call = reactor.callLater(0.005, self._next)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: object = None) -> None:
+        if self.call is not None and self.call.active():
+            self.call.cancel()
+        if not self.done.called:
+            self.done.callback(bytes(self.received))
+
+
+def trickle(port: int, pieces: list[bytes]) -> defer.Deferred[bytes]:
+    """Send `pieces` in separate writes; everything received until the close."""
+    done: defer.Deferred[bytes] = defer.Deferred()
+    factory = protocol.ClientFactory.forProtocol(lambda: _Trickle(pieces, done))
+    factory.protocol = lambda: _Trickle(pieces, done)  # type: ignore[assignment]
+    connector = reactor.connectTCP("127.0.0.1", port, factory)
+    give_up = reactor.callLater(10, connector.disconnect)
+    done.addBoth(lambda result: (give_up.active() and give_up.cancel(), result)[1])
+    return done
+
+
+def head_lines(kib: int) -> list[bytes]:
+    """A request head of about `kib` KiB, one header line per piece."""
+    lines = [b"GET /big HTTP/1.1\r\n", H]
+    lines += [b"X-Filler-%02d: %s\r\n" % (i, b"v" * 1000) for i in range(kib)]
+    lines.append(b"Connection: close\r\n\r\n")
+    return lines
+
+
+@ensure
+async def test_header_size_is_counted_once_when_the_head_arrives_in_pieces(
+    backends, gateway
+):
+    backend = backends("monolith")
+    gw = gateway(rules(backend.url, extra="limits: {max_header_bytes: 16KiB}"))
+
+    fits = await trickle(gw.port, head_lines(9))
+    too_big = await trickle(gw.port, head_lines(17))
+
+    assert status_of(fits) == 200
+    assert status_of(too_big) == 431
+    assert b'"error":"header_too_large"' in too_big
+    assert [r["uri"] for r in backend.requests] == ["/big"]
+
+
+# -- headers a client may not forge, in any spelling ------------------------------
+
+UNDERSCORED = (
+    "X_User_Id: 0",
+    "X_Consumer: root",
+    "x-user_id: 1",
+    "X_Forwarded_For: 6.6.6.6",
+    "X_Forwarded_Host: evil.test",
+    "X_Request_Id: forged-request-id",
+)
+
+
+@ensure
+async def test_underscore_spellings_of_gateway_headers_never_reach_the_upstream(
+    tmp_path, backends, gateway
+):
+    write_keys(tmp_path)
+    backend = backends("monolith")
+    gw = gateway(auth_rules(backend.url))
+
+    with_token, _ = await send(
+        gw.port, get("/tokens/me", f"Authorization: Bearer {token()}", *UNDERSCORED)
+    )
+    anonymous, _ = await send(gw.port, get("/open/page", *UNDERSCORED))
+
+    assert (with_token, anonymous) == (200, 200)
+    for seen in backend.requests:
+        names = {name.lower() for name, _value in seen["headers"]}
+        assert not any("_" in name for name in names), names
+    signed, unsigned = (seen_headers(r) for r in backend.requests)
+    assert signed["x-user-id"] == ["user-42"]
+    assert signed["x-consumer"] == ["user-42"]
+    assert "x-user-id" not in unsigned
+    assert "x-consumer" not in unsigned
+    assert unsigned["x-forwarded-for"] == ["127.0.0.1"]
+    assert unsigned["x-forwarded-host"] == ["gw.test"]
+
+
+@ensure
+async def test_underscore_forwarding_headers_are_dropped_without_any_auth(
+    backends, gateway
+):
+    backend = backends("monolith")
+    gw = gateway(rules(backend.url))
+
+    status, _ = await send(gw.port, get("/x", *UNDERSCORED))
+
+    assert status == 200
+    names = {name.lower() for name, _value in backend.requests[0]["headers"]}
+    assert "x_forwarded_for" not in names
+    assert "x_request_id" not in names
+    assert "x_forwarded_host" not in names
+
+
+# -- Host and HTTP versions ------------------------------------------------------
+
+
+@ensure
+async def test_http10_request_without_host_gets_the_target_as_host(backends, gateway):
+    backend = backends("monolith")
+    gw = gateway(rules(backend.url))
+
+    status, _ = await send(gw.port, b"GET /old-client HTTP/1.0\r\n\r\n")
+    kept, _ = await send(gw.port, b"GET /with-host HTTP/1.0\r\nHost: shop.test\r\n\r\n")
+
+    assert (status, kept) == (200, 200)
+    without, with_host = (seen_headers(r) for r in backend.requests)
+    assert without["host"] == [backend.url.removeprefix("http://")]
+    assert "x-forwarded-host" not in without
+    assert with_host["host"] == ["shop.test"]
+
+
+@ensure
+async def test_versions_other_than_http10_and_http11_get_505(backends, gateway):
+    backend = backends("monolith")
+    gw = gateway(rules(backend.url))
+
+    answers = []
+    for payload in (
+        b"GET / HTTP/2.0\r\n" + H + b"\r\n",
+        b"GET / HTTP/0.9\r\n\r\n",
+        b"GET /\r\n\r\n",
+    ):
+        raw = await raw_exchange(
+            gw.port, payload + b"GET /after HTTP/1.1\r\n" + H + b"\r\n"
+        )
+        answers.append(raw)
+
+    for raw in answers:
+        assert status_of(raw) == 505, raw
+        assert b'"error":"http_version_not_supported"' in raw
+        assert b"Connection: close" in raw
+        assert raw.count(b"HTTP/1.1 ") == 1
+    assert backend.requests == []
+
+
+@ensure
+async def test_connection_header_cannot_remove_host(backends, gateway):
+    backend = backends("monolith")
+    gw = gateway(rules(backend.url))
+
+    status, _ = await send(
+        gw.port, b"GET / HTTP/1.1\r\n" + H + b"Connection: close, Host\r\n\r\n"
+    )
+
+    assert status == 200
+    assert seen_headers(backend.requests[0])["host"] == ["gw.test"]
+
+
+@ensure
+async def test_host_port_must_be_between_1_and_65535(backends, gateway):
+    backend = backends("monolith")
+    gw = gateway(rules(backend.url))
+
+    statuses = {}
+    for host in (b"a.test:99999", b"a.test:0", b"[::1]:65536", b"a.test:65535"):
+        raw = await raw_exchange(
+            gw.port,
+            b"GET / HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n",
+        )
+        statuses[host] = status_of(raw)
+
+    assert statuses == {
+        b"a.test:99999": 400,
+        b"a.test:0": 400,
+        b"[::1]:65536": 400,
+        b"a.test:65535": 200,
+    }
+    assert [seen_headers(r)["host"] for r in backend.requests] == [["a.test:65535"]]

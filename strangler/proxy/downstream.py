@@ -55,6 +55,7 @@ class ClientConnection(protocol.Protocol):
         self._url = b""
         self._headers: list[tuple[bytes, bytes, bytes]] = []
         self._head_size = 0
+        self._head_raw = 0
         self._in_head = False
         self._timer: Any = None
         self._head_started = 0.0
@@ -100,9 +101,11 @@ class ClientConnection(protocol.Protocol):
             # A body is on its way: `client_body_timeout` runs from this read.
             self._body_read_at = self.gateway.reactor.seconds()
         if self._in_head:
-            self._head_size += len(data)
+            # A backstop for what `on_header` cannot see yet: one header line
+            # still growing. It counts raw bytes, so it is deliberately generous.
+            self._head_raw += len(data)
             limit = self.gateway.rules.limits.max_header_bytes
-            if self._head_size > limit * 2 + 65536 and not self.closed:
+            if self._head_raw > limit * 2 + 65536 and not self.closed:
                 self._refuse(431, "header_too_large", "request head is too large")
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
@@ -156,6 +159,7 @@ class ClientConnection(protocol.Protocol):
         self._url = b""
         self._headers = []
         self._head_size = 0
+        self._head_raw = 0
         self._in_head = True
 
     def on_url(self, url: bytes) -> None:
@@ -178,14 +182,24 @@ class ClientConnection(protocol.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        self._head_size = 0
         parser = self.parser
+        version = parser.get_http_version()
+        http11 = version == "1.1"
+        if not http11 and version != "1.0":
+            # llhttp also reads `HTTP/2.0` and HTTP/0.9's bare `GET /`; neither
+            # can be relayed faithfully as HTTP/1.1 (docs/proxy.md).
+            self._refuse(
+                505,
+                "http_version_not_supported",
+                f"the gateway speaks HTTP/1.0 and HTTP/1.1, not HTTP/{version}",
+            )
+            raise _RequestRejected()
         exchange = Exchange(
             self,
             parser.get_method(),
             self._url,
             self._headers,
-            parser.get_http_version() == "1.1",
+            http11,
             parser.should_keep_alive(),
             parser.should_upgrade(),
         )

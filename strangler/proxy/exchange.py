@@ -30,7 +30,8 @@ from strangler.proxy.header_edits import edit_request, edit_response
 from strangler.proxy.hooks import ShadowTap, Verdict
 from strangler.proxy.redirects import restore_location
 from strangler.proxy.responses import error_response
-from strangler.security.paths import PathError, normalise_path
+from strangler.security.identity import claims_identity
+from strangler.security.paths import PathError, normalise_path, routing_path
 from strangler.security.request_head import framing_problem, host_problem
 from strangler.stickiness import new_cookie_key, set_cookie_header, sticky_key
 from strangler.transforms import TransformError, pipeline
@@ -38,7 +39,7 @@ from strangler.transforms import TransformError, pipeline
 if TYPE_CHECKING:
     from strangler.balancing import TargetState
     from strangler.gateway import Branch, GatewayState, RoutePlan, UpstreamRuntime
-    from strangler.model import Transform
+    from strangler.model import Rewrite, Transform
     from strangler.proxy.downstream import ClientConnection
     from strangler.proxy.upstream import TargetPool, UpstreamConnection
 
@@ -48,6 +49,7 @@ PENDING_PAUSE = 64 * 1024
 _CRLF = b"\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
 _NO_BODY_STATUS = frozenset({204, 304})
+_UNDERSCORE = 0x5F  # an int: `int in bytes` skips the buffer protocol, `b"_"` not
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 _DROP_FROM_RESPONSE = frozenset({b"x-request-id"})
 _PASS_ON_101 = frozenset({b"upgrade", b"connection"})
@@ -131,6 +133,7 @@ class Exchange:
         "upgrade",
         "upstream_target",
         "url",
+        "wire_path",
     )
 
     def __init__(
@@ -158,6 +161,7 @@ class Exchange:
         self.content_length = 0
         self.request_id = ""
         self.path = ""
+        self.wire_path = b""
         self.query = b""
         self.host: bytes | None = None
         self.plan: RoutePlan | None = None
@@ -236,7 +240,8 @@ class Exchange:
             )
             return False
         if verdict.strip or verdict.upstream_headers:
-            kept = [e for e in self.kept if e[0] not in verdict.strip]
+            strip = verdict.strip
+            kept = [e for e in self.kept if not claims_identity(e[0], strip)]
             for name, value in verdict.upstream_headers:
                 kept.append((name.lower(), name, value))
             self.kept = kept
@@ -400,6 +405,10 @@ class Exchange:
             elif lname.startswith(b"proxy-") or lname == b"x-strangler-shadow":
                 # Only the gateway marks mirrored copies; a client cannot.
                 continue
+            elif _UNDERSCORE in lname and hdr.gateway_managed(lname):
+                # `X_Forwarded_For` reads as HTTP_X_FORWARDED_FOR to CGI, WSGI
+                # and PHP, the same as the header the gateway writes.
+                continue
             kept.append(entry)
 
         if request_id is not None and hdr.valid_request_id(request_id):
@@ -420,6 +429,23 @@ class Exchange:
         if not self._split_target():
             return None
 
+        # Forwarding comes before routing: `ip_hash` and `sticky: {by: ip}`
+        # key on the client address, which behind a trusted proxy is in
+        # `X-Forwarded-For`.
+        peer = client.peer_host.encode("latin-1")
+        if not client.trusted:
+            forwarded_for = peer
+            forwarded_proto = forwarded_host = None
+        elif forwarded_for is not None:
+            forwarded_for = forwarded_for + b", " + peer
+        else:
+            forwarded_for = peer
+        if forwarded_proto is None:
+            forwarded_proto = client.scheme
+        if forwarded_host is None and self.host is not None:
+            forwarded_host = self.host
+        self.forwarded = (forwarded_for, forwarded_proto, forwarded_host, upgrade_value)
+
         plan = self.state.router.match(
             self.method.decode("latin-1"),
             self.path,
@@ -428,30 +454,17 @@ class Exchange:
         )
         self.plan = self.state.plan_for(plan)
         self.branch = self._choose_branch(self.plan)
-        path = self.path
-        entry = self.branch.entry
-        if entry.rewrite is not None:
-            path = entry.rewrite.apply(path)
 
-        peer = client.peer_host
-        trusted = client.trusted
-        if trusted and forwarded_for is not None:
-            forwarded_for = forwarded_for + b", " + peer.encode("latin-1")
-        else:
-            forwarded_for = peer.encode("latin-1")
-            forwarded_proto = forwarded_host = None
-        if forwarded_proto is None:
-            forwarded_proto = client.scheme
-        if forwarded_host is None and self.host is not None:
-            forwarded_host = self.host
-
-        target = path.encode("latin-1")
+        rewrite = self.branch.entry.rewrite
+        target = self.wire_path if rewrite is None else self.upstream_path(rewrite)
         if self.query:
             target += b"?" + self.query
         if connection_tokens is not None:
+            # `Connection` names the client's own hop-by-hop headers; it can never
+            # take away the Host the upstream routes on.
+            connection_tokens.discard(b"host")
             kept = [entry for entry in kept if entry[0] not in connection_tokens]
         self.kept = kept
-        self.forwarded = (forwarded_for, forwarded_proto, forwarded_host, upgrade_value)
         self.upstream_target = target
         return self._render_head()
 
@@ -466,6 +479,9 @@ class Exchange:
         if forwarded_host is not None:
             parts += (b"X-Forwarded-Host: ", forwarded_host, _CRLF)
         parts += (b"X-Request-Id: ", self.request_id.encode("ascii"), _CRLF)
+        if self.host is None and self.target is not None:
+            # An HTTP/1.0 client sent no Host; HTTP/1.1 upstreams need one.
+            parts += (b"Host: ", self.target.target.authority.encode("ascii"), _CRLF)
         if self.body_kind == LENGTH:
             parts.append(b"Content-Length: %d\r\n" % self.content_length)
         elif self.body_kind == CHUNKED:
@@ -493,6 +509,7 @@ class Exchange:
         if url[:1] != b"/":
             if url == b"*" and self.method == b"OPTIONS":
                 self.path = "*"
+                self.wire_path = url
                 return True
             try:
                 parsed = httptools.parse_url(url)
@@ -503,14 +520,35 @@ class Exchange:
                 return False
             url = parsed.path + (b"?" + parsed.query if parsed.query else b"")
         path, _, query = url.partition(b"?")
+        path = path.partition(b"#")[0]
         try:
-            path = normalise_path(path.partition(b"#")[0])
+            wire = normalise_path(path)
         except PathError as exc:
             self.reject(400, "bad_request", str(exc))
             return False
-        self.path = path.decode("latin-1")
+        self.wire_path = wire
+        # A path returned as it came has no escapes or parameters to read.
+        routed = wire if wire is path else routing_path(wire)
+        self.path = routed.decode("latin-1")
         self.query = query.partition(b"#")[0]
         return True
+
+    def upstream_path(self, rewrite: Rewrite | None) -> bytes:
+        """The path the upstream receives, after `rewrite` if there is one.
+
+        Without a rewrite that is the client's path as sent (dot segments
+        resolved, see strangler.security.paths). A rewrite is applied to that
+        same spelling when it matches there, so escapes and `;parameters` past
+        a prefix survive; otherwise to the routing form it was written for.
+        """
+        wire = self.wire_path
+        if rewrite is None:
+            return wire
+        sent = wire.decode("latin-1")
+        rewritten = rewrite.apply(sent)
+        if rewritten == sent and sent != self.path:
+            rewritten = rewrite.apply(self.path)
+        return rewritten.encode("latin-1")
 
     def _body_within_limit(self) -> bool:
         """Refuse a declared body over `max_body` at once; a chunked one is counted."""
@@ -580,7 +618,11 @@ class Exchange:
         assert splitter is not None
         sticky = plan.sticky
         if sticky is not None:
-            key = sticky_key(sticky, self.header_value, self.client.peer_host)
+            key = sticky_key(
+                sticky,
+                self.header_value,
+                self.client_address() if sticky.by == "ip" else "",
+            )
             if key is None and sticky.by == "cookie":
                 key = new_cookie_key()
                 self.set_cookie = set_cookie_header(sticky, key)
@@ -589,6 +631,18 @@ class Exchange:
                 return branches[splitter.pick_sticky(key)]
         self.decision = "random"
         return branches[splitter.pick_random()]
+
+    def client_address(self) -> str:
+        """Who the client is for `ip_hash` and `sticky: {by: ip}`.
+
+        The same address `rate_limit: {per: ip}` uses: the TCP peer, or
+        behind a trusted proxy the right-most untrusted `X-Forwarded-For`
+        entry; IPv6 clients count by their /64.
+        """
+        client = self.client
+        return self.state.client_addresses.of(
+            client.peer_host, client.trusted, self.forwarded[0]
+        )
 
     def _send_to_target(self) -> None:
         """Take a slot on the branch's upstream (circuit breaking), then a target."""
@@ -600,14 +654,17 @@ class Exchange:
         """A slot on the upstream is ours: pick a target and get a connection."""
         branch = self.branch
         assert branch is not None
-        self.holding = branch.upstream
+        upstream = self.holding = branch.upstream
         try:
-            self.target, self.pool = branch.upstream.pick(
-                self.client.peer_host, self.failed_targets
+            self.target, self.pool = upstream.pick(
+                self.client_address() if upstream.balancer.by_client else None,
+                self.failed_targets,
             )
         except UpstreamError as exc:
             self.upstream_failed(exc, False)
             return
+        if self.host is None:
+            self.head_bytes = self._render_head()
         self.target.active += 1
         if not self.attempts:
             branch.upstream.retry_budget.deposit()
@@ -817,7 +874,11 @@ class Exchange:
                 elif lname == b"transfer-encoding":
                     upstream_chunked = True
                 continue
-            if lname in drop or lname in _DROP_FROM_RESPONSE:
+            if (
+                lname in drop
+                or lname in _DROP_FROM_RESPONSE
+                or lname.startswith(b"proxy-")
+            ):
                 continue
             parts += (name, b": ", value, _CRLF)
         if no_body:
@@ -1049,10 +1110,7 @@ class Exchange:
         self.branch = fallback
         self.failed_targets = ()
         self.decision = "fallback"
-        path = self.path
-        if fallback.entry.rewrite is not None:
-            path = fallback.entry.rewrite.apply(path)
-        target = path.encode("latin-1")
+        target = self.upstream_path(fallback.entry.rewrite)
         self.upstream_target = target + b"?" + self.query if self.query else target
         self.head_bytes = self._render_head()
         self._send_to_target()

@@ -2,8 +2,10 @@
 
 Values may reference the request (`${request.header.X-Name}`) and the
 decision (`${route}`, `${upstream}`). Edits apply only to end-to-end
-headers: the gateway's own headers (forwarding, request id, framing) are
-added after them and cannot be removed or replaced by a rule.
+headers: framing, hop-by-hop, `Host` and the gateway's own headers
+(forwarding, request id) are refused by the rule checker, and skipped here
+as well, so an edit can never put a second `Content-Length` on a pooled
+connection or cut a response short.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import re
 from collections.abc import Callable
 
 from strangler.model import HeaderEdits
+from strangler.proxy.headers import gateway_managed
 
 _REFERENCE = re.compile(r"\$\{([^}]*)\}")
 HeaderLookup = Callable[[bytes], "bytes | None"]
@@ -42,12 +45,13 @@ def edit_request(
     header: HeaderLookup,
 ) -> list[tuple[bytes, bytes, bytes]]:
     """The request headers after `edits`, as (lower-case name, name, value)."""
-    drop = {name.lower().encode("latin-1") for name in edits.remove}
-    drop.update(name.lower().encode("latin-1") for name, _ in edits.set)
+    drop = _dropped(edits)
     out = [entry for entry in kept if entry[0] not in drop]
     for name, template in (*edits.set, *edits.add):
         raw = name.encode("latin-1")
-        out.append((raw.lower(), raw, render(template, route, upstream, header)))
+        lname = raw.lower()
+        if not gateway_managed(lname):
+            out.append((lname, raw, render(template, route, upstream, header)))
     return out
 
 
@@ -59,9 +63,17 @@ def edit_response(
     header: HeaderLookup,
 ) -> list[tuple[bytes, bytes]]:
     """The response headers after `edits`, as (name, value)."""
-    drop = {name.lower().encode("latin-1") for name in edits.remove}
-    drop.update(name.lower().encode("latin-1") for name, _ in edits.set)
+    drop = _dropped(edits)
     out = [pair for pair in headers if pair[0].lower() not in drop]
     for name, template in (*edits.set, *edits.add):
-        out.append((name.encode("latin-1"), render(template, route, upstream, header)))
+        raw = name.encode("latin-1")
+        if not gateway_managed(raw.lower()):
+            out.append((raw, render(template, route, upstream, header)))
     return out
+
+
+def _dropped(edits: HeaderEdits) -> set[bytes]:
+    """Lower-case names that `remove` and `set` take out, managed ones excepted."""
+    names = (*edits.remove, *(name for name, _ in edits.set))
+    lowered = (name.lower().encode("latin-1") for name in names)
+    return {name for name in lowered if not gateway_managed(name)}

@@ -32,6 +32,25 @@ HOP_BY_HOP = frozenset(
     }
 )
 
+# Names no header-edit rule may set, add or remove: framing, hop-by-hop, the
+# Host the upstream routes on, and the headers the gateway writes itself.
+_MANAGED = frozenset(
+    {
+        b"content-length",
+        b"transfer-encoding",
+        b"connection",
+        b"keep-alive",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"host",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-request-id",
+    }
+)
+
 _VALID_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:\-]{8,128}$")
 _REQUEST_ID_PREFIX = os.urandom(6).hex()
 _request_counter = itertools.count(1)
@@ -70,6 +89,16 @@ def end_to_end(headers: Headers, also_drop: Iterable[bytes] = ()) -> Headers:
             continue
         kept.append(pair)
     return kept
+
+
+def gateway_managed(lname: bytes) -> bool:
+    """Whether a lower-case header name is one the gateway alone decides.
+
+    `_` counts as `-`: CGI, WSGI and PHP read both spellings as the same
+    variable, so `X_Request_Id` must not pass where `X-Request-Id` may not.
+    """
+    name = lname.replace(b"_", b"-")
+    return name in _MANAGED or name.startswith((b"proxy-", b"x-strangler-"))
 
 
 def is_trusted(peer_host: str, trusted: tuple[Network, ...]) -> bool:

@@ -26,7 +26,7 @@ from strangler.model import Auth, AuthMode, RateLimit, Require, Route, Rules
 from strangler.proxy.hooks import RequestGate, Verdict
 from strangler.security.api_keys import KeyIndex, query_value
 from strangler.security.counters import SecurityCounters
-from strangler.security.identity import Identity, IdentityFactory
+from strangler.security.identity import Identity, IdentityFactory, claims_identity
 from strangler.security.jwt_auth import KEYS_UNAVAILABLE, JwtVerifier, bearer_token
 from strangler.security.rate_limit import (
     ClientAddresses,
@@ -413,7 +413,7 @@ class Gate:
         strip = self._strip
         if strip:
             for entry in exchange.kept:
-                if entry[0] in strip:
+                if claims_identity(entry[0], strip):
                     return self._strip_only
         return ALLOW
 

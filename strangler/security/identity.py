@@ -13,7 +13,21 @@ from typing import Any
 from strangler.model import IdentityHeaders, RateLimit
 from strangler.proxy.hooks import Verdict
 
-__all__ = ["Identity", "IdentityFactory"]
+__all__ = ["Identity", "IdentityFactory", "claims_identity"]
+
+
+def _canonical(lname: bytes) -> bytes:
+    return lname.replace(b"_", b"-")
+
+
+def claims_identity(lname: bytes, strip: frozenset[bytes]) -> bool:
+    """Whether a client header (lower-case name) is one of the identity headers.
+
+    `strip` holds the names with `-` only; a client's `_` (0x5F) counts as `-`,
+    since CGI, WSGI and PHP read `X_User_Id` and `X-User-Id` as the same
+    `HTTP_X_USER_ID`. nginx and Envoy drop underscore headers for that reason.
+    """
+    return lname in strip or (0x5F in lname and _canonical(lname) in strip)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +66,7 @@ class IdentityFactory:
         names = [header.lower() for _claim, header in config.claims]
         if config.consumer is not None:
             names.append(config.consumer.lower())
-        self.strip = frozenset(name.encode("latin-1") for name in names)
+        self.strip = frozenset(_canonical(name.encode("latin-1")) for name in names)
 
     def build(
         self,

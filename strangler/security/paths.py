@@ -1,23 +1,35 @@
-"""The path normalisation policy: one spelling of a path for routing and upstream.
+"""The path policy: what the upstream receives, and the spelling routes match.
 
-Routes match the normalised path and the upstream receives that same path,
-so a spelling the gateway and an upstream would read differently cannot
-slip past a route. The policy (docs/security.md has every case):
+A path has two forms here. The *wire* form is what the upstream receives:
+the client's bytes, with only the changes that decide which resource an
+upstream acts on made for it, so the gateway and the upstream cannot read
+the path differently:
 
-- `%XX` escapes of unreserved characters (letters, digits, `-._~`) are
-  decoded; every other escape is kept, with its hex digits upper-cased.
-- `;parameters` are removed from every segment (`/a;x=1/b` -> `/a/b`).
-- Empty segments are merged (`//a///b` -> `/a/b`); a trailing `/` is kept.
 - `.` and `..` segments, also spelled `%2e`, are resolved; `..` above the
   root is refused.
-- `%2F` and `%5C` stay encoded (they are data inside a segment), but a
-  segment where decoding them would make a `.` or `..` segment is refused.
-- Double-encoded dots and slashes (`%252e`, `%252f`, `%255c`) are refused.
-- A raw backslash, a byte outside printable ASCII, an escape of a control
-  character (`%00`-`%1F`, `%7F`) or a broken escape (`%G1`, `%4`) is
-  refused.
+- Empty segments are merged (`//a///b` -> `/a/b`), as NGINX does for
+  routing and as Tomcat, Jetty and Werkzeug do before their own; a
+  trailing `/` is kept.
 
-Refusals raise `PathError`, which the proxy answers with 400.
+Everything else is passed as sent: percent-escapes (not decoded, their case
+kept), `;parameters`, and the query string.
+
+The *routing* form is the wire form as an upstream reads it, and is what
+routes, rewrites and the access log see:
+
+- escapes of unreserved characters (letters, digits, `-._~`) are decoded
+  (RFC 3986 makes `%41` and `A` the same), other escapes upper-cased;
+- `;parameters` are left out of every segment, the way servlet containers
+  map a path (`/admin;x/y` routes as `/admin/y`), so they cannot carry a
+  request past a route.
+
+Refused, because no spelling is safe for every upstream: a raw backslash,
+a byte outside printable ASCII, an escape of a control character (`%00`-
+`%1F`, `%7F`), a broken escape (`%G1`, `%4`), a double-encoded dot, slash
+or backslash (`%252e`), a `%2F` or `%5C` next to a dot segment
+(`a%2F..%2Fb`), and a dot segment with parameters (`..;x`, which Tomcat
+reads as `..`). Refusals raise `PathError`, which the proxy answers with
+400. docs/security.md lists every case.
 """
 
 from __future__ import annotations
@@ -25,7 +37,7 @@ from __future__ import annotations
 import re
 import string
 
-__all__ = ["PathError", "normalise_path"]
+__all__ = ["PathError", "normalise_path", "routing_path"]
 
 
 class PathError(ValueError):
@@ -38,15 +50,37 @@ _ALLOWED = (string.ascii_letters + string.digits + "-._~!$&'()*+,;=:@/%").encode
 # The subset that needs no second look: no escapes, no parameters.
 _PLAIN = (string.ascii_letters + string.digits + "-._~!$&'()*+,=:@/").encode()
 _HEX = frozenset(b"0123456789abcdefABCDEF")
+_DOTS = (b".", b"..")
 _ENCODED_SEPARATOR = re.compile(rb"%2F|%5C")
 _DOUBLE_ENCODED = re.compile(rb"%25(?:2e|2f|5c)", re.IGNORECASE)
 
 
 def normalise_path(raw: bytes) -> bytes:
-    """The normalised form of `raw` (which starts with `/`), or `PathError`."""
+    """The wire form of `raw` (which starts with `/`), or `PathError`.
+
+    A path that needs nothing is returned as the same object, and only a
+    path without escapes or `;parameters` is: its routing form is itself.
+    """
     if not raw.translate(None, _PLAIN) and b"//" not in raw and b"/." not in raw:
         return raw
     return _normalise(raw)
+
+
+def routing_path(wire: bytes) -> bytes:
+    """The routing form of a wire-form path (same object when it has no `%`/`;`)."""
+    if b"%" not in wire and b";" not in wire:
+        return wire
+    names = []
+    for segment in wire.split(b"/")[1:]:
+        name = segment.partition(b";")[0]
+        if b"%" in name:
+            name = _decode_unreserved(name)
+        if name:
+            names.append(name)
+    if not names:
+        return b"/"
+    trailing = not wire.rpartition(b"/")[2].partition(b";")[0]
+    return b"/" + b"/".join(names) + (b"/" if trailing else b"")
 
 
 def _normalise(raw: bytes) -> bytes:
@@ -59,22 +93,22 @@ def _normalise(raw: bytes) -> bytes:
         raise PathError("the path has a double-encoded dot, slash or backslash")
 
     kept: list[bytes] = []
-    segments = raw.split(b"/")[1:]
     trailing = False
-    for segment in segments:
-        if b";" in segment:
-            segment = segment.partition(b";")[0]
-        if b"%" in segment:
-            segment = _decode_unreserved(segment)
-        trailing = segment in (b"", b".", b"..")
-        if segment == b"..":
-            if not kept:
-                raise PathError("the path climbs above the root with '..'")
-            kept.pop()
-        elif segment and segment != b".":
-            if b"%" in segment and _ENCODED_SEPARATOR.search(segment):
-                pieces = _ENCODED_SEPARATOR.split(segment)
-                if b"." in pieces or b".." in pieces:
+    for segment in raw.split(b"/")[1:]:
+        decoded = _decode_unreserved(segment) if b"%" in segment else segment
+        name, params, _ = decoded.partition(b";")
+        trailing = not segment or name in _DOTS
+        if name in _DOTS:
+            if params:
+                raise PathError("the path has a dot segment with ;parameters")
+            if name == b"..":
+                if not kept:
+                    raise PathError("the path climbs above the root with '..'")
+                kept.pop()
+        elif segment:
+            if b"%" in decoded and _ENCODED_SEPARATOR.search(decoded):
+                pieces = _ENCODED_SEPARATOR.split(decoded)
+                if any(piece.partition(b";")[0] in _DOTS for piece in pieces):
                     raise PathError(
                         "the path hides a dot segment behind an encoded slash"
                     )

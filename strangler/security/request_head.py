@@ -23,6 +23,9 @@ def host_problem(host: bytes | None) -> str | None:
         return None
     if not _HOST.fullmatch(host):
         return "malformed Host header"
+    _, colon, port = host.rpartition(b":")
+    if colon and port.isdigit() and not 0 < int(port) < 65536:
+        return "the Host port must be between 1 and 65535"
     if len(_GOOD_HOSTS) < _GOOD_HOSTS_MAX:
         _GOOD_HOSTS.add(host)
     return None
