@@ -55,8 +55,11 @@ class UpstreamRuntime:
         self.retry_budget = RetryBudget(reactor)
         self.in_flight = 0
         self.waiting: deque[Any] = deque()
+        # Counted for the admin API and /metrics: requests served by a
+        # fallback instead, 503s from circuit breaking, and retries.
         self.fallbacks = 0
         self.overflows = 0
+        self.retries = 0
 
     def admit(self, exchange: Any) -> bool:
         """Circuit breaking: True to go ahead now, False when queued or refused.
@@ -86,6 +89,10 @@ class UpstreamRuntime:
                 self.in_flight += 1
                 exchange.admitted()
                 return
+
+    def any_available(self, exclude: tuple[TargetState, ...] = ()) -> bool:
+        """Whether a target not in `exclude` is in rotation (healthy, not ejected)."""
+        return any(s.available and s not in exclude for s in self.states)
 
     def pick(
         self, client_ip: str | None, exclude: tuple[TargetState, ...] = ()
