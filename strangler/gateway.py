@@ -215,17 +215,20 @@ class GatewayState:
     def _branch(self, entry: SplitEntry) -> Branch:
         upstream = self.upstreams[entry.to]
         rules = self.rules
+        timeout = _first(entry.timeout, upstream.model.timeout, rules.timeout)
         return Branch(
             entry=entry,
             upstream=upstream,
-            timeout=_first(entry.timeout, upstream.model.timeout, rules.timeout),
+            timeout=timeout,
             connect_timeout=_first(
                 entry.connect_timeout,
                 upstream.model.connect_timeout,
                 rules.connect_timeout,
             ),
+            # Without its own setting, the gap allowed inside a body is the
+            # wait allowed for the head in force here, not the top-level one.
             idle_timeout=_first(
-                entry.idle_timeout, upstream.model.idle_timeout, rules.timeout
+                entry.idle_timeout, upstream.model.idle_timeout, timeout
             ),
         )
 
@@ -271,7 +274,7 @@ class GatewayState:
 
         The fallback upstream's own branch in the same split is used when there
         is one, so it gets its own rewrite and transform; otherwise the request
-        goes to it as the client sent it.
+        goes to it as the client sent it, with the route's own timeouts.
         """
         found = {}
         own = {b.entry.to: b for b in branches}
@@ -279,7 +282,14 @@ class GatewayState:
             name = branch.entry.fallback
             if name is None:
                 continue
-            found[branch.entry.to] = own.get(name) or self._branch(SplitEntry(to=name))
+            found[branch.entry.to] = own.get(name) or self._branch(
+                SplitEntry(
+                    to=name,
+                    timeout=route.timeout,
+                    connect_timeout=route.connect_timeout,
+                    idle_timeout=route.idle_timeout,
+                )
+            )
         return found
 
     def set_weights(
