@@ -16,7 +16,7 @@ from typing import Any
 
 from strangler.balancing import TargetState, make_balancer
 from strangler.health import HealthChecker
-from strangler.metrics import Metrics
+from strangler.metrics import Metrics, UpstreamCollector
 from strangler.model import Route, Rules, SplitEntry, Sticky, Upstream
 from strangler.outlier import OutlierDetector
 from strangler.proxy.hooks import RequestGate, ShadowSource
@@ -359,6 +359,8 @@ class Gateway:
         self.metrics.sources.append(
             lambda: self.state.gate.counters if self.state.gate is not None else None
         )
+        upstreams = UpstreamCollector(lambda: self.state.upstreams.values())
+        self.metrics.sources.append(lambda: upstreams)
         self.connections: set[Any] = set()
         self.draining = False
 

@@ -8,6 +8,7 @@ from typing import Any
 import httptools
 import pytest_twisted
 from load import get, run_load
+from prometheus_client.parser import text_string_to_metric_families
 from support import header_values, raw_exchange, sleep, status_of
 from twisted.internet import protocol, reactor
 from twisted.internet.defer import Deferred
@@ -584,3 +585,76 @@ async def _until(predicate, limit: float = 10.0) -> None:  # type: ignore[no-unt
         assert waited < limit, "condition not reached"
         await sleep(0.05)
         waited += 0.05
+
+
+# -- what happened is counted where operators look ------------------------------
+
+
+@ensure
+async def test_admin_api_and_metrics_count_fallbacks_retries_ejections_and_503s(
+    backends, gateway, client
+):
+    mono, one, two = backends("monolith"), backends("one"), backends("two")
+    one.fail_with = two.fail_with = 500
+    gw = gateway(
+        f"""
+        listen: 127.0.0.1:0
+        admin: {{listen: 127.0.0.1:0, token: secret}}
+        upstreams:
+          monolith: {{targets: [{mono.url}]}}
+          tight: {{targets: [{mono.url}], max_connections: 1, max_pending: 0}}
+          users:
+            targets: [{one.url}, {two.url}]
+            outlier: {{consecutive_failures: 1, base_ejection: 60s}}
+        default: monolith
+        routes:
+          - name: slow
+            match: {{path: /slow}}
+            to: tight
+          - name: users
+            match: {{path: /u}}
+            retries: {{attempts: 1, retry_on: [5xx]}}
+            split:
+              - {{to: monolith, weight: 0}}
+              - {{to: users, weight: 100, fallback: monolith}}
+        """
+    )
+    gw.server.start_admin()
+    admin = f"http://127.0.0.1:{gw.server.admin_port.getHost().port}"
+    auth = {"Authorization": ["Bearer secret"]}
+
+    served = await raw_exchange(gw.port, get("/u/1", {"Connection": "close"}))
+    slow = raw_exchange(gw.port, get("/slow?ms=300", {"Connection": "close"}))
+    await sleep(0.1)
+    refused = await raw_exchange(gw.port, get("/slow?ms=1", {"Connection": "close"}))
+    await slow
+    view = await (await client.get(admin + "/upstreams", headers=auth)).json()
+    metrics = await (await client.get(admin + "/metrics", headers=auth)).text()
+
+    assert status_of(served) == 200 and status_of(refused) == 503
+    upstreams = {u["name"]: u for u in view["upstreams"]}
+    users = upstreams["users"]
+    assert (users["fallbacks"], users["retries"], users["ejections"]) == (1, 1, 1)
+    assert [
+        (t["available"], t["healthy"], t["ejected"], t["ejections"])
+        for t in users["targets"]
+    ] == [(False, True, True, 1), (True, True, False, 0)]
+    assert upstreams["tight"]["overloaded"] == 1
+    assert upstreams["monolith"]["fallbacks"] == 0
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(metrics)
+        for s in family.samples
+    }
+    assert (
+        samples[("strangler_upstream_fallbacks_total", (("upstream", "users"),))] == 1
+    )
+    assert samples[("strangler_upstream_retries_total", (("upstream", "users"),))] == 1
+    assert (
+        samples[("strangler_upstream_overloaded_total", (("upstream", "tight"),))] == 1
+    )
+    one_labels = (("target", one.url), ("upstream", "users"))
+    assert samples[("strangler_upstream_ejections_total", one_labels)] == 1
+    assert samples[("strangler_target_ejected", one_labels)] == 1
+    assert samples[("strangler_target_available", one_labels)] == 0
+    assert samples[("strangler_target_healthy", one_labels)] == 1
