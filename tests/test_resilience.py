@@ -13,6 +13,8 @@ from support import header_values, raw_exchange, sleep, status_of
 from twisted.internet import protocol, reactor
 from twisted.internet.defer import Deferred
 
+from strangler.retry_budget import INITIAL, MIN_PER_SECOND
+
 ensure = pytest_twisted.ensureDeferred
 
 
@@ -658,3 +660,114 @@ async def test_admin_api_and_metrics_count_fallbacks_retries_ejections_and_503s(
     assert samples[("strangler_target_ejected", one_labels)] == 1
     assert samples[("strangler_target_available", one_labels)] == 0
     assert samples[("strangler_target_healthy", one_labels)] == 1
+
+
+# -- retries have limits --------------------------------------------------------
+
+
+@ensure
+async def test_retries_stop_at_the_budget_when_every_target_fails(backends, gateway):
+    one, two = backends("one"), backends("two")
+    one.fail_with = two.fail_with = 503
+    gw = gateway(
+        pool_rules(
+            [one.url, two.url],
+            upstream_extra="    outlier: {consecutive_failures: 1000}",
+            route_extra="    retries: {attempts: 3, retry_on: [5xx]}",
+        )
+    )
+    began = reactor.seconds()
+
+    result = await run_load(gw.port, lambda i: get(f"/x/{i}"), 40, workers=1)
+
+    elapsed = reactor.seconds() - began
+    assert [r.status for r in result.replies] == [503] * 40
+    retries = len(one.requests) + len(two.requests) - 40
+    # The budget: 10 to start, 0.2 per request, 3 a second; the policy alone
+    # would have allowed 3 per request, 120 in all.
+    assert INITIAL <= retries <= INITIAL + 0.2 * 40 + MIN_PER_SECOND * elapsed + 1
+    assert gw.server.gateway.state.upstreams["monolith"].retries == retries
+
+
+class _CutsMidResponse(protocol.Protocol):
+    """Starts a 100-byte answer, sends 7 bytes of it, then resets the connection."""
+
+    def __init__(self, seen: list[bytes]) -> None:
+        self.seen = seen
+
+    def dataReceived(self, data: bytes) -> None:
+        self.seen.append(data.split(b"\r\n", 1)[0])
+        self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+        reactor.callLater(0.05, self.transport.abortConnection)
+
+
+@ensure
+async def test_a_target_that_resets_mid_response_cuts_the_client_without_retry(
+    gateway,
+):
+    seen: list[bytes] = []
+    factory = protocol.Factory.forProtocol(lambda: _CutsMidResponse(seen))
+    ports = [reactor.listenTCP(0, factory, interface="127.0.0.1") for _ in range(2)]
+    try:
+        urls = [f"http://127.0.0.1:{p.getHost().port}" for p in ports]
+        retries = "    retries: {attempts: 2, retry_on: [connect, 5xx, timeout]}"
+        gw = gateway(pool_rules(urls, route_extra=retries))
+        raw = await raw_exchange(gw.port, get("/cut"), wait=5)
+    finally:
+        for port in ports:
+            await port.stopListening()
+
+    assert status_of(raw) == 200
+    assert raw.endswith(b"\r\n\r\npartial")
+    assert seen == [b"GET /cut HTTP/1.1"]
+    (line,) = gw.log_lines()
+    assert line["error"] == "upstream_closed"
+
+
+@ensure
+async def test_nothing_is_retried_once_a_response_byte_reached_the_client(
+    backends, gateway
+):
+    one, two = backends("one"), backends("two")
+    retries = "    retries: {attempts: 2, retry_on: [connect, 5xx, timeout]}"
+    gw = gateway(
+        pool_rules(
+            [one.url, two.url],
+            upstream_extra="    idle_timeout: 200ms",
+            route_extra=retries,
+        )
+    )
+
+    raw = await raw_exchange(gw.port, get("/stall"), wait=5)
+
+    assert status_of(raw) == 200 and raw.endswith(b"partial")
+    assert len(one.requests) + len(two.requests) == 1
+    assert gw.server.gateway.state.upstreams["monolith"].retries == 0
+
+
+# -- a target that fails for a while comes back ---------------------------------
+
+
+@ensure
+async def test_a_target_answering_503_for_a_while_is_ejected_then_returns(
+    backends, gateway
+):
+    flaky, steady = backends("flaky"), backends("steady")
+    flaky.fail_with = 503
+    outlier = "    outlier: {consecutive_failures: 2, base_ejection: 300ms}"
+    retries = "    retries: {attempts: 1, retry_on: [5xx]}"
+    gw = gateway(
+        pool_rules([flaky.url, steady.url], upstream_extra=outlier, route_extra=retries)
+    )
+    state = gw.server.gateway.state.upstreams["monolith"].states[0]
+
+    failing = await run_load(gw.port, lambda i: get(f"/a/{i}"), 10, workers=1)
+    ejected, sent_while_failing = state.ejected, len(flaky.requests)
+    flaky.fail_with = None
+    await _until(lambda: state.available)
+    later = await run_load(gw.port, lambda i: get(f"/b/{i}"), 20, workers=1)
+
+    assert [r.status for r in failing.replies + later.replies] == [200] * 30
+    assert ejected and sent_while_failing == 2
+    assert state.ejections == 1 and not state.ejected
+    assert sum(1 for r in flaky.requests if r["uri"].startswith("/b/")) == 10
