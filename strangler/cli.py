@@ -136,6 +136,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging()
     override = _parse_listen(args.listen) if args.listen else None
     server = GatewayServer(rules, reactor, load_rules, listen_override=override)
+    # Before `listening` is logged, so a signal sent on seeing it is handled.
+    server.install_signal_handlers()
     try:
         server.start(inherited_fd=args.worker_fd)
         if args.worker_index == 0:
@@ -149,7 +151,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 1
     if not args.no_watch:
         server.watch()
-    server.install_signal_handlers()
     reactor.run(installSignalHandlers=False)  # type: ignore[attr-defined]
     return 0
 
