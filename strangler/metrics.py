@@ -210,7 +210,7 @@ class UpstreamCollector(Collector):
             "Outlier ejections, by target.",
             labels=["upstream", "target"],
         )
-        flags = {
+        flags: dict[str, GaugeMetricFamily] = {
             "available": GaugeMetricFamily(
                 "strangler_target_available",
                 "1 when the target is in rotation (healthy and not ejected).",

@@ -39,7 +39,6 @@ class UpstreamUser(TypingProtocol):
 
     def attach(self, conn: UpstreamConnection) -> None: ...
     def upstream_failed(self, error: UpstreamError, retryable: bool) -> None: ...
-    def upload_blocked(self) -> bool: ...
     def response_head(
         self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
     ) -> None: ...
@@ -266,7 +265,8 @@ class UpstreamConnection(protocol.Protocol):
         if not self.head_received:
             if not self.uploading:
                 self._fail(UpstreamTimeout("upstream did not answer in time"))
-            elif self.user.upload_blocked():
+            # Only a proxied exchange streams a body up; a shadow copy never does.
+            elif self.user.upload_blocked():  # type: ignore[attr-defined]
                 self._fail(UpstreamTimeout("upstream stopped reading the request body"))
             else:
                 self._timer = self.pool.reactor.callLater(self.timeout, self._timed_out)
