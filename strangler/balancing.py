@@ -72,9 +72,11 @@ class TargetState:
         "active",
         "available",
         "ejected",
+        "ejection_level",
         "ejections",
         "failures_in_a_row",
         "healthy",
+        "returned_at",
         "target",
     )
 
@@ -85,6 +87,8 @@ class TargetState:
         self.healthy = available
         self.ejected = False
         self.ejections = 0
+        self.ejection_level = 0
+        self.returned_at = 0.0
         self.failures_in_a_row = 0
 
     def refresh(self) -> None:

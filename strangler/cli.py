@@ -138,6 +138,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server = GatewayServer(
         rules, reactor, load_rules, listen_override=override, state_path=state
     )
+    # Before `listening` is logged, so a signal sent on seeing it is handled.
+    server.install_signal_handlers()
     try:
         server.start(inherited_fd=args.worker_fd)
         if args.worker_index == 0:
@@ -152,7 +154,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not args.no_watch:
         server.watch()
     server.follow_state()
-    server.install_signal_handlers()
     reactor.run(installSignalHandlers=False)  # type: ignore[attr-defined]
     return 0
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from strangler.balancing import TargetState, make_balancer
 from strangler.health import HealthChecker
-from strangler.metrics import Metrics
+from strangler.metrics import Metrics, UpstreamCollector
 from strangler.model import Route, Rules, SplitEntry, Sticky, Upstream, UpstreamTls
 from strangler.outlier import OutlierDetector
 from strangler.proxy.hooks import RequestGate, ShadowSource
@@ -61,8 +61,11 @@ class UpstreamRuntime:
         self.retry_budget = RetryBudget(reactor)
         self.in_flight = 0
         self.waiting: deque[Any] = deque()
+        # Counted for the admin API and /metrics: requests served by a
+        # fallback instead, 503s from circuit breaking, and retries.
         self.fallbacks = 0
         self.overflows = 0
+        self.retries = 0
 
     def admit(self, exchange: Any) -> bool:
         """Circuit breaking: True to go ahead now, False when queued or refused.
@@ -92,6 +95,10 @@ class UpstreamRuntime:
                 self.in_flight += 1
                 exchange.admitted()
                 return
+
+    def any_available(self, exclude: tuple[TargetState, ...] = ()) -> bool:
+        """Whether a target not in `exclude` is in rotation (healthy, not ejected)."""
+        return any(s.available and s not in exclude for s in self.states)
 
     def pick(
         self, client_ip: str | None, exclude: tuple[TargetState, ...] = ()
@@ -238,17 +245,20 @@ class GatewayState:
     def _branch(self, entry: SplitEntry) -> Branch:
         upstream = self.upstreams[entry.to]
         rules = self.rules
+        timeout = _first(entry.timeout, upstream.model.timeout, rules.timeout)
         return Branch(
             entry=entry,
             upstream=upstream,
-            timeout=_first(entry.timeout, upstream.model.timeout, rules.timeout),
+            timeout=timeout,
             connect_timeout=_first(
                 entry.connect_timeout,
                 upstream.model.connect_timeout,
                 rules.connect_timeout,
             ),
+            # Without its own setting, the gap allowed inside a body is the
+            # wait allowed for the head in force here, not the top-level one.
             idle_timeout=_first(
-                entry.idle_timeout, upstream.model.idle_timeout, rules.timeout
+                entry.idle_timeout, upstream.model.idle_timeout, timeout
             ),
         )
 
@@ -294,7 +304,7 @@ class GatewayState:
 
         The fallback upstream's own branch in the same split is used when there
         is one, so it gets its own rewrite and transform; otherwise the request
-        goes to it as the client sent it.
+        goes to it as the client sent it, with the route's own timeouts.
         """
         found = {}
         own = {b.entry.to: b for b in branches}
@@ -302,7 +312,14 @@ class GatewayState:
             name = branch.entry.fallback
             if name is None:
                 continue
-            found[branch.entry.to] = own.get(name) or self._branch(SplitEntry(to=name))
+            found[branch.entry.to] = own.get(name) or self._branch(
+                SplitEntry(
+                    to=name,
+                    timeout=route.timeout,
+                    connect_timeout=route.connect_timeout,
+                    idle_timeout=route.idle_timeout,
+                )
+            )
         return found
 
     def set_weights(
@@ -373,6 +390,8 @@ class Gateway:
         self.metrics.sources.append(
             lambda: self.state.gate.counters if self.state.gate is not None else None
         )
+        upstreams = UpstreamCollector(lambda: self.state.upstreams.values())
+        self.metrics.sources.append(lambda: upstreams)
         self.connections: set[Any] = set()
         self.draining = False
         # Large bodies are converted in these threads, off the reactor.

@@ -4,7 +4,9 @@ Each upstream with a `health` block gets one checker that probes every
 target on its own timer, off the request path. A target leaves rotation
 after `unhealthy_after` failed probes in a row and returns after
 `healthy_after` good ones; targets start in rotation, so a gateway that
-restarts does not refuse traffic while it waits for its first probes.
+restarts does not refuse traffic while it waits for its first probes. A
+target whose last probe is still out is skipped until it ends, so a hung
+target never holds back the probes of the others.
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ from typing import Any
 
 import structlog
 from treq.client import HTTPClient
+from twisted.internet import error as net
+from twisted.internet.defer import CancelledError
 from twisted.internet.task import LoopingCall
+from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from strangler.balancing import TargetState
@@ -24,16 +29,52 @@ from strangler.security.tls import UpstreamTrust
 log = structlog.get_logger("strangler.health")
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds * 1000:g}ms" if seconds < 1 else f"{seconds:g}s"
+
+
+def describe_failure(failure: Failure, timeout: float) -> str:
+    """A probe failure in a few plain words, for the log and the admin API.
+
+    Twisted reports a probe that never got an answer as a list of wrapped
+    failures; the first one says what happened.
+    """
+    error = failure.value
+    reasons = getattr(error, "reasons", None)
+    if reasons:
+        error = reasons[0].value
+    if isinstance(error, net.ConnectingCancelledError):
+        return f"could not connect within {_duration(timeout)}"
+    if isinstance(error, CancelledError | net.TimeoutError):
+        return f"no answer within {_duration(timeout)}"
+    if isinstance(error, net.ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(error, net.DNSLookupError):
+        return "host name not found"
+    if isinstance(error, net.ConnectionLost | net.ConnectionDone):
+        return "connection closed before the answer"
+    if isinstance(error, net.ConnectError):
+        return f"cannot connect: {error.osError or error}"
+    return f"{type(error).__name__}: {error}"
+
+
+def describe_status(code: int, expected: tuple[int, int]) -> str:
+    low, high = expected
+    wanted = str(low) if low == high else f"{low}-{high}"
+    return f"status {code}, expected {wanted}"
+
+
 class TargetHealth:
     """Probe streaks for one target, and the decision they lead to."""
 
-    __slots__ = ("failures", "last_error", "state", "successes")
+    __slots__ = ("failures", "last_error", "probing", "state", "successes")
 
     def __init__(self, state: TargetState) -> None:
         self.state = state
         self.successes = 0
         self.failures = 0
         self.last_error = ""
+        self.probing = False
 
     def record(self, ok: bool, check: HealthCheck, error: str = "") -> bool | None:
         """Count one probe; returns the new availability when it changes."""
@@ -77,7 +118,6 @@ class HealthChecker:
         self._client = HTTPClient(agent)
         self._loop = LoopingCall(self.probe_all)
         self._loop.clock = reactor
-        self._in_flight = 0
 
     def start(self) -> None:
         self._loop.start(self.check.interval, now=True)
@@ -87,32 +127,34 @@ class HealthChecker:
             self._loop.stop()
 
     def probe_all(self) -> None:
-        if self._in_flight:
-            return
         for target in self.targets:
-            self._probe(target)
+            if not target.probing:
+                self._probe(target)
 
     def _probe(self, target: TargetHealth) -> None:
         url = target.state.target.url.rstrip("/") + self.check.path
-        self._in_flight += 1
+        target.probing = True
         request = self._client.get(
             url, timeout=self.check.timeout, allow_redirects=False
         )
         request.addCallback(self._answered, target)
         request.addErrback(
-            lambda failure: self._record(target, False, failure.getErrorMessage())
+            lambda failure: self._record(
+                target, False, describe_failure(failure, self.check.timeout)
+            )
         )
-        request.addBoth(self._done)
+        request.addBoth(self._done, target)
 
     def _answered(self, response: Any, target: TargetHealth) -> Any:
         low, high = self.check.expect_status
         ok = low <= response.code <= high
+        reason = describe_status(response.code, self.check.expect_status)
         done = response.content()
-        done.addBoth(lambda _: self._record(target, ok, f"status {response.code}"))
+        done.addBoth(lambda _: self._record(target, ok, reason))
         return done
 
-    def _done(self, _result: Any) -> None:
-        self._in_flight -= 1
+    def _done(self, _result: Any, target: TargetHealth) -> None:
+        target.probing = False
 
     def _record(self, target: TargetHealth, ok: bool, error: str) -> None:
         changed = target.record(ok, self.check, error)

@@ -10,7 +10,7 @@ and client library stay the standard ones.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client.core import (
@@ -173,6 +173,71 @@ class _Collector(Collector):
         for outcome, value in metrics.reloads.items():
             reloads.add_metric([outcome], value)
         yield reloads
+
+
+class UpstreamCollector(Collector):
+    """Resilience counters and target states of the upstreams in force.
+
+    `upstreams` is called at scrape time, since a reload replaces the
+    upstreams whose definition changed (and their counters start again, which
+    Prometheus reads as a counter reset).
+    """
+
+    def __init__(self, upstreams: Callable[[], Iterable[Any]]) -> None:
+        self.upstreams = upstreams
+
+    def collect(self) -> Iterator[Any]:
+        per_upstream = {
+            "fallbacks": CounterMetricFamily(
+                "strangler_upstream_fallbacks",
+                "Requests an upstream failed or could not take that its "
+                "fallback served.",
+                labels=["upstream"],
+            ),
+            "overflows": CounterMetricFamily(
+                "strangler_upstream_overloaded",
+                "Requests refused with 503 by max_connections and max_pending.",
+                labels=["upstream"],
+            ),
+            "retries": CounterMetricFamily(
+                "strangler_upstream_retries",
+                "Requests sent again after an attempt failed.",
+                labels=["upstream"],
+            ),
+        }
+        ejections = CounterMetricFamily(
+            "strangler_upstream_ejections",
+            "Outlier ejections, by target.",
+            labels=["upstream", "target"],
+        )
+        flags: dict[str, GaugeMetricFamily] = {
+            "available": GaugeMetricFamily(
+                "strangler_target_available",
+                "1 when the target is in rotation (healthy and not ejected).",
+                labels=["upstream", "target"],
+            ),
+            "healthy": GaugeMetricFamily(
+                "strangler_target_healthy",
+                "1 when active health checks find the target healthy.",
+                labels=["upstream", "target"],
+            ),
+            "ejected": GaugeMetricFamily(
+                "strangler_target_ejected",
+                "1 while outlier ejection keeps the target out.",
+                labels=["upstream", "target"],
+            ),
+        }
+        for upstream in sorted(self.upstreams(), key=lambda u: u.name):
+            for attribute, family in per_upstream.items():
+                family.add_metric([upstream.name], getattr(upstream, attribute))
+            for state in upstream.states:
+                labels = [upstream.name, state.target.url]
+                ejections.add_metric(labels, state.ejections)
+                for attribute, family in flags.items():
+                    family.add_metric(labels, 1 if getattr(state, attribute) else 0)
+        yield from per_upstream.values()
+        yield ejections
+        yield from flags.values()
 
 
 def _bound(value: float) -> str:

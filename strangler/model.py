@@ -307,6 +307,10 @@ class Route:
     require: Require | None = None
     rate_limit: RateLimit | None = None
     max_body: int | None = None
+    # The route's own timeouts, kept for a fallback upstream outside the split.
+    timeout: float | None = None
+    connect_timeout: float | None = None
+    idle_timeout: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

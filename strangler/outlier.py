@@ -2,8 +2,11 @@
 
 A target that fails `consecutive_failures` requests in a row (connection
 refused or reset, or a 5xx answer) leaves rotation for `base_ejection` times
-the number of times it has been ejected, so a target that keeps failing stays
-out longer. Ejection never takes more than `max_ejection_percent` of an
+its ejection level, which rises by one with each ejection (up to
+MAX_EJECTION_FACTOR), so a target that keeps failing stays out longer. The
+level falls by one for every `base_ejection` the target then spends back in
+rotation without being ejected, so a target that recovered for good is
+judged afresh. Ejection never takes more than `max_ejection_percent` of an
 upstream's targets out at once; when every target is unavailable anyway the
 balancer's panic mode still sends traffic rather than refusing it all.
 """
@@ -55,11 +58,18 @@ class OutlierDetector:
         allowed = int(len(self.states) * self.policy.max_ejection_percent / 100)
         if ejected_now + 1 > allowed:
             return
+        base = self.policy.base_ejection
+        level = state.ejection_level
+        if level and base > 0:
+            # Time served well since the last return lowers the level again.
+            quiet = self.reactor.seconds() - state.returned_at
+            level = max(0, level - int(quiet // base))
+        state.ejection_level = min(level + 1, MAX_EJECTION_FACTOR)
         state.ejections += 1
         state.ejected = True
         state.failures_in_a_row = 0
         state.refresh()
-        duration = self.policy.base_ejection * min(state.ejections, MAX_EJECTION_FACTOR)
+        duration = base * state.ejection_level
         self._timers[id(state)] = self.reactor.callLater(duration, self._return, state)
         log.warning(
             "target_ejected",
@@ -72,6 +82,7 @@ class OutlierDetector:
     def _return(self, state: TargetState) -> None:
         self._timers.pop(id(state), None)
         state.ejected = False
+        state.returned_at = self.reactor.seconds()
         state.refresh()
         log.info("target_returned", upstream=self.upstream, target=state.target.url)
 

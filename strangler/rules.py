@@ -1574,6 +1574,9 @@ def _route(checker: _Checker, value: Any, path: KeyPath) -> Route | None:
         match=values.pop("match", Match()),
         split=tuple(_fold(entry, shared) for entry in entries),
         line=checker.document.line_of(path),
+        timeout=shared.get("timeout"),
+        connect_timeout=shared.get("connect_timeout"),
+        idle_timeout=shared.get("idle_timeout"),
         **values,
     )
 

@@ -31,6 +31,9 @@ from strangler.runtime_weights import RuntimeWeights, default_state_path
 log = structlog.get_logger("strangler")
 
 WATCH_INTERVAL = 1.0
+# After the drain, the longest wait for closing connections to send what they
+# still hold (a client that stopped reading does not hold up the exit longer).
+FLUSH_LIMIT = 1.0
 
 
 @dataclass
@@ -294,6 +297,11 @@ class GatewayServer:
             await _sleep(self.reactor, 0.05)
         for conn in list(connections):
             conn.transport.loseConnection()
+        # A closing connection first sends what is still buffered, the end of
+        # answers already given; stopping the reactor now would drop it.
+        flushed_by = self.reactor.seconds() + FLUSH_LIMIT
+        while connections and self.reactor.seconds() < flushed_by:
+            await _sleep(self.reactor, 0.01)
         # The admin API stays up until here so load balancers see 503 on /health.
         if self.admin_port is not None:
             await self.admin_port.stopListening()

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ from typing import Any
 from strangler.model import Rules
 
 RESTART_PAUSE = 0.5
+MAX_RESTART_PAUSE = 30.0
+STABLE_AFTER = 10.0
 POLL_INTERVAL = 0.1
 EXTRA_STOP_TIME = 5.0
 
@@ -55,17 +58,68 @@ def bind_listener(rules: Rules, listen_override: str | None) -> socket.socket:
     return sock
 
 
+def _ignore_hangup() -> None:
+    """In a new worker, before it runs: a SIGHUP forwarded while it starts is moot.
+
+    A worker reads the rule file as it starts and installs its own SIGHUP
+    handler before it says it listens; until then the default action would
+    kill it, so the signal is ignored instead (the disposition survives exec).
+    """
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+class RestartBackoff:
+    """How long to wait before starting again a worker that died.
+
+    A worker that ran for `stable_after` seconds is restarted after `first`;
+    one that dies again sooner than that waits twice as long as the last
+    time, up to `limit`, so a worker that cannot start (a rule file broken
+    since, a port taken) costs a log line now and then instead of a busy
+    loop of processes.
+    """
+
+    __slots__ = ("first", "limit", "pause", "stable_after")
+
+    def __init__(
+        self,
+        first: float = RESTART_PAUSE,
+        limit: float = MAX_RESTART_PAUSE,
+        stable_after: float = STABLE_AFTER,
+    ) -> None:
+        self.first = first
+        self.limit = limit
+        self.stable_after = stable_after
+        self.pause = 0.0
+
+    def after_exit(self, lived: float) -> float:
+        """The pause before the next start of a worker that lived `lived` seconds."""
+        if lived >= self.stable_after or not self.pause:
+            self.pause = self.first
+        else:
+            self.pause = min(self.pause * 2, self.limit)
+        return self.pause
+
+
 class Supervisor:
     """Starts, watches and stops the worker processes."""
 
     def __init__(
-        self, rules_path: Path, rules: Rules, count: int, sock: socket.socket
+        self,
+        rules_path: Path,
+        rules: Rules,
+        count: int,
+        sock: socket.socket,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.rules_path = rules_path
         self.rules = rules
         self.count = count
         self.sock = sock
+        self.clock = clock
         self.workers: dict[int, subprocess.Popen[bytes]] = {}
+        self.started_at: dict[int, float] = {}
+        self.backoff = {index: RestartBackoff() for index in range(count)}
+        self.restart_due: dict[int, tuple[float, int]] = {}
         self.stopping = False
         self.restarts = 0
         self.extra_args: list[str] = []
@@ -86,8 +140,11 @@ class Supervisor:
 
     def start_worker(self, index: int) -> None:
         self.workers[index] = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            self.command(index), pass_fds=(self.sock.fileno(),)
+            self.command(index),
+            pass_fds=(self.sock.fileno(),),
+            preexec_fn=_ignore_hangup,  # safe here: the supervisor runs no threads
         )
+        self.started_at[index] = self.clock()
 
     def run(self) -> int:
         signal.signal(signal.SIGHUP, lambda *_: self.forward(signal.SIGHUP))
@@ -97,21 +154,32 @@ class Supervisor:
             self.start_worker(index)
         host, port = self.sock.getsockname()[:2]
         _event("listening", address=f"{host}:{port}", workers=self.count)
-        while True:
+        while not self.tick():
             time.sleep(POLL_INTERVAL)
-            for index, process in list(self.workers.items()):
-                code = process.poll()
-                if code is None:
-                    continue
-                if self.stopping:
-                    del self.workers[index]
-                    continue
-                _event("worker_restarted", worker=index, exit_code=code)
-                self.restarts += 1
-                time.sleep(RESTART_PAUSE)
-                self.start_worker(index)
-            if self.stopping and not self.workers:
-                return 0
+        return 0
+
+    def tick(self) -> bool:
+        """One look at the workers: note the dead, restart the due; True when done."""
+        now = self.clock()
+        for index, process in list(self.workers.items()):
+            code = process.poll()
+            if code is None:
+                continue
+            del self.workers[index]
+            if self.stopping:
+                continue
+            lived = now - self.started_at.get(index, now)
+            pause = self.backoff[index].after_exit(lived)
+            _event("worker_exited", worker=index, exit_code=code, restart_in=pause)
+            self.restart_due[index] = (now + pause, code)
+        for index, (due, code) in list(self.restart_due.items()):
+            if self.stopping or now < due:
+                continue
+            del self.restart_due[index]
+            self.restarts += 1
+            self.start_worker(index)
+            _event("worker_restarted", worker=index, exit_code=code)
+        return self.stopping and not self.workers
 
     def forward(self, signum: int) -> None:
         for process in self.workers.values():
@@ -122,6 +190,7 @@ class Supervisor:
         if self.stopping:
             return
         self.stopping = True
+        self.restart_due.clear()
         self.sock.close()
         self.forward(signal.SIGTERM)
         deadline = time.monotonic() + self.rules.drain_timeout + EXTRA_STOP_TIME

@@ -500,21 +500,29 @@ async def test_upstreams_show_every_target_and_its_state(backends, gateway, clie
     code, body = await admin.json("GET", "/upstreams")
 
     assert code == 200
+    in_rotation = {"healthy": True, "ejected": False, "ejections": 0}
+    counters = {"fallbacks": 0, "overloaded": 0, "retries": 0, "ejections": 0}
     assert body["upstreams"] == [
         {
             "name": "monolith",
             "balance": "round_robin",
             "health": None,
-            "targets": [{"url": mono.url, "weight": 1, "active": 0, "available": True}],
-        },
+            "targets": [
+                {"url": mono.url, "weight": 1, "active": 0, "available": True}
+                | in_rotation
+            ],
+        }
+        | counters,
         {
             "name": "users",
             "balance": "least_conn",
             "health": None,
             "targets": [
                 {"url": users.url, "weight": 2, "active": 0, "available": True}
+                | in_rotation
             ],
-        },
+        }
+        | counters,
     ]
 
 

@@ -90,3 +90,27 @@ def test_retry_budget_allows_a_share_of_traffic_plus_a_trickle() -> None:
 
     clock.advance(3)
     assert sum(budget.spend() for _ in range(10)) == 3
+
+
+def test_time_back_in_rotation_lowers_the_next_ejection_again() -> None:
+    clock = Clock()
+    states = _states(2)
+    detector = OutlierDetector("u", Outlier(1, 10.0, 50.0), states, clock)
+
+    def eject_and_wait() -> float:
+        detector.failure(states[0])
+        began = clock.seconds()
+        while states[0].ejected:
+            clock.advance(1)
+        return clock.seconds() - began
+
+    first, second, third = eject_and_wait(), eject_and_wait(), eject_and_wait()
+    clock.advance(25)  # two whole base ejections served well: the level drops by 2
+    fourth = eject_and_wait()
+    clock.advance(1000)
+    fifth = eject_and_wait()
+
+    assert (first, second, third) == (10, 20, 30)
+    assert fourth == 20
+    assert fifth == 10
+    assert states[0].ejections == 5

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
 from cli_support import EventTail, ServeProcess, run_cli
 from support import sleep, write_rules
-from twisted.internet import threads
+from twisted.internet import defer, protocol, reactor, threads
+
+from strangler.workers import RestartBackoff, Supervisor
 
 ensure = pytest_twisted.ensureDeferred
 
@@ -235,4 +239,200 @@ async def test_every_worker_follows_a_shift_without_rule_file_watching(
     assert shifted is not None and shifted.returncode == 0, shifted.stderr
     assert len(tail.named("runtime_weights_followed")) == 1
     assert served == ["users"] * 40
+    assert code == 0
+
+
+class _Process:
+    """A worker process as the supervisor sees it: alive until told to exit."""
+
+    def __init__(self) -> None:
+        self.code: int | None = None
+
+    def poll(self) -> int | None:
+        return self.code
+
+
+class _FakeSupervisor(Supervisor):
+    """The real supervision logic over fake processes and a fake clock."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        super().__init__(Path("rules.yaml"), None, 2, None, clock=lambda: self.now)  # type: ignore[arg-type]
+        self.starts: list[tuple[int, float]] = []
+
+    def start_worker(self, index: int) -> None:
+        self.workers[index] = _Process()  # type: ignore[assignment]
+        self.started_at[index] = self.now
+        self.starts.append((index, self.now))
+
+    def crash(self, index: int) -> None:
+        self.workers[index].code = 1  # type: ignore[attr-defined]
+
+    def run_for(self, seconds: float) -> None:
+        end = self.now + seconds
+        while self.now < end:
+            self.tick()
+            self.now = round(self.now + 0.1, 1)
+
+
+def test_a_worker_that_keeps_dying_is_restarted_later_each_time() -> None:
+    supervisor = _FakeSupervisor()
+    for index in range(2):
+        supervisor.start_worker(index)
+
+    pauses = []
+    for _ in range(6):
+        supervisor.crash(0)
+        before = len(supervisor.starts)
+        died_at = supervisor.now
+        while len(supervisor.starts) == before:
+            supervisor.run_for(0.1)
+        pauses.append(round(supervisor.starts[-1][1] - died_at, 1))
+    supervisor.run_for(12)  # a worker that ran long enough starts the count again
+    supervisor.crash(0)
+    died_at = supervisor.now
+    supervisor.run_for(1)
+
+    assert pauses == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0]
+    assert supervisor.starts[-1][1] - died_at == 0.5
+    assert [index for index, _ in supervisor.starts].count(1) == 1
+
+
+def test_restart_pause_is_capped() -> None:
+    backoff = RestartBackoff(first=1.0, limit=5.0, stable_after=10.0)
+
+    pauses = [backoff.after_exit(0.5) for _ in range(6)]
+
+    assert pauses == [1.0, 2.0, 4.0, 5.0, 5.0, 5.0]
+    assert backoff.after_exit(10.0) == 1.0
+
+
+def _outcome(url: str) -> tuple[int, bytes] | str:
+    """The answer, or the name of the error that ended the request."""
+    try:
+        return _fetch(url)
+    except OSError as exc:  # urllib's errors and http.client's disconnects
+        return type(exc).__name__
+
+
+def _read_until(stream, wanted: str, count: int) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
+    """Log events read from `stream` until `count` of them are `wanted` (or EOF)."""
+    events: list[dict[str, Any]] = []
+    while sum(1 for e in events if e.get("event") == wanted) < count:
+        line = stream.readline()
+        if not line:
+            break
+        with contextlib.suppress(ValueError):
+            events.append(json.loads(line))
+    return events
+
+
+@ensure
+async def test_sigterm_to_the_supervisor_drains_every_worker_up_to_drain_timeout(
+    tmp_path, backends
+):
+    backend = backends("monolith")
+    rules = _rules(tmp_path, backend.url, "drain_timeout: 2s")
+    gateway = ServeProcess(rules, args=("--workers", "2"))
+    base = f"http://127.0.0.1:{gateway.port}"
+    try:
+        # The supervisor says it listens before its workers have started.
+        ready = threads.deferToThread(
+            _read_until, gateway.process.stdout, "listening", 2
+        )
+        await ready.addTimeout(20, reactor)
+        finishing = [
+            threads.deferToThread(_outcome, f"{base}/slow?ms=1000&n={n}")
+            for n in range(6)
+        ]
+        hanging = [
+            threads.deferToThread(_outcome, f"{base}/hang?n={n}") for n in range(2)
+        ]
+        await sleep(0.5)
+        gateway.signal(signal.SIGTERM)
+        done = [await request for request in finishing]
+        cut = [await request for request in hanging]
+        code = await threads.deferToThread(gateway.process.wait, 20)
+    finally:
+        gateway.stop()
+
+    assert [reply[0] for reply in done] == [200] * 6  # type: ignore[index]
+    assert all(isinstance(reply, str) for reply in cut), cut
+    assert len([r for r in backend.requests if r["uri"].startswith("/slow")]) == 6
+    assert code == 0
+
+
+@ensure
+async def test_sighup_to_the_supervisor_reloads_every_worker(tmp_path, backends):
+    first, second = backends("first"), backends("second")
+    rules = _rules(tmp_path, first.url)
+    gateway = ServeProcess(rules, args=("--workers", "2", "--no-watch"))
+    base = f"http://127.0.0.1:{gateway.port}"
+    try:
+        ready = threads.deferToThread(
+            _read_until, gateway.process.stdout, "listening", 2
+        )
+        await ready.addTimeout(20, reactor)
+        rules.write_text(rules.read_text().replace(first.url, second.url))
+        reading = threads.deferToThread(
+            _read_until, gateway.process.stdout, "reloaded", 2
+        )
+        reading.addTimeout(20, reactor)
+        gateway.signal(signal.SIGHUP)
+        events = await reading
+        after = [
+            json.loads((await threads.deferToThread(_fetch, f"{base}/n/{n}"))[1])
+            for n in range(10)
+        ]
+    finally:
+        code = gateway.stop()
+
+    assert sum(1 for e in events if e.get("event") == "reloaded") == 2
+    assert {reply["served_by"] for reply in after} == {"second"}
+    assert code == 0
+
+
+class _SlowReader(protocol.Protocol):
+    """Reads a response in bursts with pauses, so the gateway's buffer stays full."""
+
+    def __init__(self, done: defer.Deferred[int]) -> None:
+        self.done = done
+        self.received = 0
+
+    def connectionMade(self) -> None:
+        self.transport.write(
+            b"GET /download?bytes=33554432 HTTP/1.1\r\nHost: a\r\n\r\n"
+        )
+
+    def dataReceived(self, data: bytes) -> None:
+        before = self.received
+        self.received += len(data)
+        if before // 1048576 != self.received // 1048576:
+            self.transport.pauseProducing()
+            reactor.callLater(0.05, self.transport.resumeProducing)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if not self.done.called:
+            self.done.callback(self.received)
+
+
+@ensure
+async def test_sigterm_lets_a_long_download_in_flight_finish_whole(tmp_path, backends):
+    backend = backends("monolith")
+    gateway = ServeProcess(_rules(tmp_path, backend.url, "drain_timeout: 20s"))
+    done: defer.Deferred[int] = defer.Deferred()
+    try:
+        protocol.ClientCreator(reactor, _SlowReader, done).connectTCP(
+            "127.0.0.1", gateway.port
+        )
+        await sleep(0.3)
+        gateway.signal(signal.SIGTERM)
+        received = await done.addTimeout(30, reactor)
+        code = await threads.deferToThread(gateway.process.wait, 20)
+    finally:
+        gateway.stop()
+
+    head = 200  # the response head is small; the body is all that matters here
+    assert received > 33554432
+    assert received < 33554432 + head * 10
     assert code == 0

@@ -505,6 +505,9 @@ def _upstream_view(upstream: UpstreamRuntime) -> dict[str, Any]:
             "weight": state.target.weight,
             "active": state.active,
             "available": state.available,
+            "healthy": state.healthy,
+            "ejected": state.ejected,
+            "ejections": state.ejections,
         }
         for state in upstream.states
     ]
@@ -513,6 +516,10 @@ def _upstream_view(upstream: UpstreamRuntime) -> dict[str, Any]:
         "balance": model.balance,
         "health": health,
         "targets": targets,
+        "fallbacks": upstream.fallbacks,
+        "overloaded": upstream.overflows,
+        "retries": upstream.retries,
+        "ejections": sum(state.ejections for state in upstream.states),
     }
 
 

@@ -164,7 +164,23 @@ _SCHEMAS: dict[str, Any] = {
             "url": {"type": "string"},
             "weight": {"type": "integer", "minimum": 1},
             "active": {"type": "integer", "minimum": 0},
-            "available": {"type": "boolean"},
+            "available": {
+                "type": "boolean",
+                "description": "In rotation: healthy and not ejected.",
+            },
+            "healthy": {
+                "type": "boolean",
+                "description": "What the active health checks last decided.",
+            },
+            "ejected": {
+                "type": "boolean",
+                "description": "Out of rotation for now by outlier ejection.",
+            },
+            "ejections": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "Times this target was ejected since it was added.",
+            },
         }
     ),
     "HealthCheck": _closed(
@@ -180,6 +196,29 @@ _SCHEMAS: dict[str, Any] = {
             "balance": {"enum": ["round_robin", "least_conn", "ip_hash", "random"]},
             "health": _nullable(_ref("HealthCheck")),
             "targets": {"type": "array", "items": _ref("Target")},
+            "fallbacks": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "Requests this upstream failed (or could not "
+                "take) that a `fallback` upstream served instead.",
+            },
+            "overloaded": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "Requests refused with 503 at once by "
+                "`max_connections` and `max_pending`.",
+            },
+            "retries": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "Requests sent to this upstream again after "
+                "an attempt failed.",
+            },
+            "ejections": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "Outlier ejections of its targets, all told.",
+            },
         }
     ),
     "UpstreamList": _closed(

@@ -128,9 +128,11 @@ class Exchange:
         "started_at",
         "state",
         "status",
+        "streamed",
         "tap",
         "target",
         "upgrade",
+        "upload_mark",
         "upstream_target",
         "url",
         "wire_path",
@@ -173,6 +175,8 @@ class Exchange:
         self.pending: list[bytes] = []
         self.pending_size = 0
         self.replay: list[bytes] | None = []
+        self.streamed = False
+        self.upload_mark = 0
         self.request_done = False
         self.response_started = False
         self.response_chunked = False
@@ -645,9 +649,21 @@ class Exchange:
         )
 
     def _send_to_target(self) -> None:
-        """Take a slot on the branch's upstream (circuit breaking), then a target."""
-        assert self.branch is not None
-        if self.branch.upstream.admit(self):
+        """Take a slot on the branch's upstream (circuit breaking), then a target.
+
+        A branch with a `fallback` whose targets are all out of rotation goes
+        to the fallback at once instead of panic routing to them.
+        """
+        branch = self.branch
+        assert branch is not None and self.plan is not None
+        if (
+            self.plan.fallbacks
+            and self.fell_back_from is None
+            and not branch.upstream.any_available(self.failed_targets)
+            and self._fall_back("unavailable", sent=False)
+        ):
+            return
+        if branch.upstream.admit(self):
             self.admitted()
 
     def admitted(self) -> None:
@@ -669,7 +685,13 @@ class Exchange:
         if not self.attempts:
             branch.upstream.retry_budget.deposit()
         self.attempts += 1
-        self.pool.acquire(self, branch.connect_timeout)
+        # Only a request that must not run twice pays for checking that an
+        # idle connection is still open (and the one retry after a stale one).
+        self.pool.acquire(
+            self,
+            branch.connect_timeout,
+            self.retried_stale or self.method not in IDEMPOTENT,
+        )
 
     def overloaded(self, upstream: str) -> None:
         """The upstream is at `max_connections` with a full queue: 503 now."""
@@ -705,6 +727,10 @@ class Exchange:
         if replay is not None:
             if self.bytes_in <= REPLAY_LIMIT:
                 replay.append(data)
+            elif self.conn is None and self.streamed:
+                # A retry is connecting and will resend from `replay`; `pending`
+                # pauses the client, so this grows by at most PENDING_PAUSE.
+                replay.append(data)
             else:
                 self.replay = None
         conn = self.conn
@@ -730,11 +756,14 @@ class Exchange:
         if self.request_buffer is not None:
             self._transform_request()
             return
+        conn = self.conn
         if self.body_kind == CHUNKED:
-            if self.conn is None:
+            if conn is None:
                 self.pending.append(_LAST_CHUNK)
             else:
-                self.conn.transport.write(_LAST_CHUNK)
+                conn.transport.write(_LAST_CHUNK)
+        if conn is not None and self.body_kind != NO_BODY:
+            conn.request_sent()
 
     # -- driven by the upstream connection ---------------------------------------
 
@@ -746,20 +775,8 @@ class Exchange:
             return
         self.conn = conn
         data = self.head_bytes
-        pending = self.pending
-        if pending:
-            if self.body_kind == CHUNKED:
-                framed = []
-                for piece in pending:
-                    if piece is _LAST_CHUNK:
-                        framed.append(piece)
-                    else:
-                        framed += (b"%x\r\n" % len(piece), piece, _CRLF)
-                pending = framed
-            data = b"".join([data, *pending])
-            self.pending = []
-            self.pending_size = 0
-            self.client.resume_reading(self.client.PAUSE_BUFFER)
+        if self.body_kind != NO_BODY:
+            data = self._with_body(data)
         assert self.branch is not None
         conn.send(
             self,
@@ -767,9 +784,56 @@ class Exchange:
             self.branch.timeout,
             self.branch.idle_timeout,
             self.method == b"HEAD",
+            self.request_done or self.body_kind == NO_BODY,
         )
         if not self.request_done:
+            self.upload_mark = self.bytes_in
             conn.transport.registerProducer(self.client, True)
+
+    def _with_body(self, head: bytes) -> bytes:
+        """The head and the body so far, for a connection that has just attached.
+
+        The first connection gets what waited in `pending`; a retry or a
+        fallback gets the whole body again from `replay` (the retry paths
+        check that it is still held), re-framed when it is chunked.
+        """
+        client = self.client
+        if self.streamed:
+            assert self.replay is not None
+            pieces = list(self.replay)
+            if self.request_done and self.body_kind == CHUNKED:
+                pieces.append(_LAST_CHUNK)
+            # The connection that failed may have paused the client for good.
+            client.resume_reading(client.PAUSE_UPSTREAM)
+        else:
+            pieces = self.pending
+        self.streamed = True
+        self.pending = []
+        self.pending_size = 0
+        client.resume_reading(client.PAUSE_BUFFER)
+        if not pieces:
+            return head
+        if self.body_kind == CHUNKED:
+            framed = []
+            for piece in pieces:
+                if piece is _LAST_CHUNK:
+                    framed.append(piece)
+                else:
+                    framed += (b"%x\r\n" % len(piece), piece, _CRLF)
+            pieces = framed
+        return b"".join([head, *pieces])
+
+    def upload_blocked(self) -> bool:
+        """Whether the upstream held the body back for a whole period.
+
+        Asked by the connection's timer while the body is still streaming
+        up: True when no byte arrived since the last time and the client is
+        paused only because the upstream is not reading. A client that is
+        merely slow, or stalls, is never the upstream's fault.
+        """
+        mark, self.upload_mark = self.upload_mark, self.bytes_in
+        client = self.client
+        return mark == self.bytes_in and bool(client.paused & client.PAUSE_UPSTREAM)
 
     def informational(self, status: int, reason: bytes, headers: hdr.Headers) -> None:
         """Relay `100 Continue` and friends to an HTTP/1.1 client."""
@@ -823,17 +887,13 @@ class Exchange:
         """Drop a 5xx answer unseen and try again (policy retry or fallback)."""
         conn, self.conn = self.conn, None
         if conn is not None:
+            if conn.transport.producer is self.client:
+                conn.transport.unregisterProducer()
             conn.abort()
         failed = self.target
         self._release_target()
         if retry:
-            assert self.branch is not None
-            if failed is not None and len(self.failed_targets) + 1 < len(
-                self.branch.upstream.states
-            ):
-                self.failed_targets = (*self.failed_targets, failed)
-            self.retries_used += 1
-            self._send_to_target()
+            self._retry_elsewhere(failed)
             return
         if not self._fall_back("5xx"):
             self._answer_error(UpstreamBadStatus(f"upstream answered {status}"))
@@ -1021,7 +1081,13 @@ class Exchange:
         self._finish()
 
     def upstream_failed(self, error: UpstreamError, retryable: bool) -> None:
-        """The upstream could not finish: retry, fall back, answer 502/504, or cut."""
+        """The upstream could not finish: retry, fall back, answer 502/504, or cut.
+
+        `retryable` comes with a refused connection (nothing was sent) or
+        with a reused connection that closed before any byte of the answer
+        (the target may have closed it while it sat idle, but the request
+        was written, so only an idempotent one is sent again).
+        """
         if self.finished:
             return
         conn, self.conn = self.conn, None
@@ -1033,40 +1099,58 @@ class Exchange:
             branch.upstream.outlier.failure(failed_target)
         self._release_target()
         if not self.response_started and branch is not None:
-            if self._retry_after(error, retryable, failed_target):
+            unsent = retryable and isinstance(error, UpstreamConnectError)
+            stale = retryable and not unsent
+            if self._retry_after(error, unsent, stale, failed_target):
                 return
-            if self._fall_back(error.retry_kind):
+            if self._fall_back(error.retry_kind, sent=not unsent):
                 return
         self._answer_error(error)
 
     def _retry_after(
-        self, error: UpstreamError, unsent: bool, failed: TargetState | None
+        self,
+        error: UpstreamError,
+        unsent: bool,
+        stale: bool,
+        failed: TargetState | None,
     ) -> bool:
         """Try again when it is safe: unsent requests always, others by policy."""
         assert self.branch is not None
         upstream = self.branch.upstream
-        if unsent and self._can_replay():
-            if isinstance(error, UpstreamConnectError) and failed is not None:
+        if unsent and self._can_resend():
+            if failed is not None:
                 # Nothing was sent, so another target costs the failed one nothing:
                 # these retries are bounded by the target count, not the budget.
                 self.failed_targets = (*self.failed_targets, failed)
                 if len(self.failed_targets) < len(upstream.states):
+                    upstream.retries += 1
                     self._send_to_target()
                     return True
-                return False
-            if not self.retried_stale:
-                self.retried_stale = True
-                self._send_to_target()
-                return True
-        if self._may_retry(error.retry_kind):
-            if failed is not None and len(self.failed_targets) + 1 < len(
-                upstream.states
-            ):
-                self.failed_targets = (*self.failed_targets, failed)
-            self.retries_used += 1
+            return False
+        if (
+            stale
+            and not self.retried_stale
+            and self.method in IDEMPOTENT
+            and self._can_resend()
+        ):
+            self.retried_stale = True
+            upstream.retries += 1
             self._send_to_target()
             return True
+        if self._may_retry(error.retry_kind):
+            self._retry_elsewhere(failed)
+            return True
         return False
+
+    def _retry_elsewhere(self, failed: TargetState | None) -> None:
+        """A policy retry, on another target while there is one left to try."""
+        assert self.branch is not None
+        upstream = self.branch.upstream
+        if failed is not None and len(self.failed_targets) + 1 < len(upstream.states):
+            self.failed_targets = (*self.failed_targets, failed)
+        self.retries_used += 1
+        upstream.retries += 1
+        self._send_to_target()
 
     def _may_retry(self, kind: str) -> bool:
         """Policy retries: configured, idempotent, replayable, and within budget."""
@@ -1082,8 +1166,13 @@ class Exchange:
             and self.branch.upstream.retry_budget.spend()
         )
 
-    def _fall_back(self, kind: str) -> bool:
-        """Serve an idempotent request from the branch's `fallback` upstream."""
+    def _fall_back(self, kind: str, sent: bool = True) -> bool:
+        """Serve the request from the branch's `fallback` upstream instead.
+
+        After a request was sent, only an idempotent one falls back; one
+        that was never sent (its branch had no target in rotation, or none
+        could be reached) falls back whatever its method.
+        """
         plan = self.plan
         branch = self.branch
         assert plan is not None and branch is not None
@@ -1091,9 +1180,9 @@ class Exchange:
         if (
             fallback is None
             or self.fell_back_from is not None
-            or kind not in ("connect", "timeout", "5xx")
-            or self.method not in IDEMPOTENT
-            or not self._can_replay()
+            or kind not in ("connect", "timeout", "5xx", "unavailable")
+            or (sent and self.method not in IDEMPOTENT)
+            or not (self._can_replay() if sent else self._can_resend())
             or (self.body_kind != NO_BODY and branch.entry.transform is not None)
         ):
             return False
@@ -1210,10 +1299,17 @@ class Exchange:
         self.finished = True
         self._record()
 
+    def _can_resend(self) -> bool:
+        """Whether the body so far can go to another connection.
+
+        Until a connection took it, it all waits in `pending`; after that
+        only `replay` holds it, and only while it is within REPLAY_LIMIT.
+        """
+        return self.body_kind == NO_BODY or not self.streamed or self.replay is not None
+
     def _can_replay(self) -> bool:
-        return (
-            self.request_done and self.replay is not None
-        ) or self.body_kind == NO_BODY
+        """Whether the whole request is known and can be sent again."""
+        return self.body_kind == NO_BODY or (self.request_done and self._can_resend())
 
     def _release_upstream(self) -> None:
         conn, self.conn = self.conn, None

@@ -10,6 +10,7 @@ saves an allocation and a callback chain per request.
 from __future__ import annotations
 
 import contextlib
+import socket
 from typing import TYPE_CHECKING, Any
 from typing import Protocol as TypingProtocol
 
@@ -74,8 +75,10 @@ class UpstreamConnection(protocol.Protocol):
         self.paused = False
         self.aborted = False
         self.head_received = False
+        self.timeout = 0.0
         self.idle_timeout = 0.0
         self.last_data = 0.0
+        self.uploading = False
 
     # -- driven by the exchange -------------------------------------------
 
@@ -86,20 +89,37 @@ class UpstreamConnection(protocol.Protocol):
         timeout: float,
         idle_timeout: float,
         head: bool,
+        complete: bool = True,
     ) -> None:
         """Start one exchange: write the request head (and any body so far).
 
-        One timer per exchange covers both limits: until the response head
-        it is the `timeout`; after it, the `idle_timeout` between body
+        One timer per exchange covers every limit. While the body is still
+        streaming up (`complete` False) the upstream is not blamed for the
+        client's pace: the timer only checks that it keeps reading. Once the
+        request is all sent (`request_sent`), the upstream has `timeout` to
+        answer with a head; after the head, `idle_timeout` between body
         chunks, checked lazily against the time of the last bytes received.
         """
         self.user = user
         self.response_started = False
         self.head_received = False
         self.expect_no_body = head
+        self.timeout = timeout
         self.idle_timeout = idle_timeout
+        self.uploading = not complete
         self.transport.write(data)
         self._timer = self.pool.reactor.callLater(timeout, self._timed_out)
+
+    def request_sent(self) -> None:
+        """The last byte of the request was written: the wait for the head starts."""
+        if not self.uploading:
+            return
+        self.uploading = False
+        timer = self._timer
+        if self.head_received or self.user is None or timer is None:
+            return
+        if timer.active():
+            timer.reset(self.timeout)
 
     def abort(self) -> None:
         """Drop the connection at once; it is never reused after this."""
@@ -252,7 +272,13 @@ class UpstreamConnection(protocol.Protocol):
         if self.user is None:
             return
         if not self.head_received:
-            self._fail(UpstreamTimeout("upstream did not answer in time"))
+            if not self.uploading:
+                self._fail(UpstreamTimeout("upstream did not answer in time"))
+            # Only a proxied exchange streams a body up; a shadow copy never does.
+            elif self.user.upload_blocked():  # type: ignore[attr-defined]
+                self._fail(UpstreamTimeout("upstream stopped reading the request body"))
+            else:
+                self._timer = self.pool.reactor.callLater(self.timeout, self._timed_out)
             return
         remaining = self.last_data + self.idle_timeout - self.pool.reactor.seconds()
         if remaining > 0:
@@ -302,6 +328,27 @@ class _Connecting(protocol.ClientFactory):
             user.upstream_failed(UpstreamConnectError(message), True)
 
 
+def closed_by_peer(transport: Any) -> bool:
+    """Whether an idle connection's peer has closed it, or sent bytes unasked.
+
+    Peeks at the socket without reading: an end of file, an error, or any
+    byte at all (nothing is owed on an idle connection) means it must not
+    carry a request. A transport without a socket (tests) is taken as open.
+    """
+    sock = getattr(transport, "socket", None)
+    if sock is None:
+        sock = getattr(getattr(transport, "transport", None), "socket", None)
+        if sock is None:
+            return False
+    try:
+        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
+    return True
+
+
 class TargetPool:
     """Idle keep-alive connections to one target, and new ones when none is idle."""
 
@@ -317,12 +364,23 @@ class TargetPool:
         self.idle: list[UpstreamConnection] = []
         self.open_connections = 0
 
-    def acquire(self, user: UpstreamUser, connect_timeout: float) -> None:
-        """Give `user` a connection now if one is idle, or when a connect succeeds."""
+    def acquire(
+        self, user: UpstreamUser, connect_timeout: float, check: bool = False
+    ) -> None:
+        """Give `user` a connection now if one is idle, or when a connect succeeds.
+
+        With `check`, an idle connection is first asked whether the target
+        closed it meanwhile (one non-blocking peek), so that a request that
+        must not run twice is not written into a connection already gone.
+        """
         idle = self.idle
         while idle:
             conn = idle.pop()
-            if conn.transport is not None and conn.transport.connected:
+            transport = conn.transport
+            if transport is not None and transport.connected:
+                if check and closed_by_peer(transport):
+                    transport.abortConnection()
+                    continue
                 conn.reused = True
                 user.attach(conn)
                 return
