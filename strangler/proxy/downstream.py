@@ -55,6 +55,8 @@ class ClientConnection(protocol.Protocol):
         self._url = b""
         self._headers: list[tuple[bytes, bytes, bytes]] = []
         self._head_size = 0
+        self._max_headers = 0
+        self._max_head = 0
         self._head_raw = 0
         self._in_head = False
         self._timer: Any = None
@@ -161,6 +163,11 @@ class ClientConnection(protocol.Protocol):
         self._head_size = 0
         self._head_raw = 0
         self._in_head = True
+        # Read once per request, not once per header; a reload applies from
+        # the next request on.
+        limits = self.gateway.rules.limits
+        self._max_headers = limits.max_headers
+        self._max_head = limits.max_header_bytes
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -171,13 +178,13 @@ class ClientConnection(protocol.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         headers = self._headers
         headers.append((name.lower(), name, value))
-        limits = self.gateway.rules.limits
         self._head_size += len(name) + len(value) + 4
-        if len(headers) > limits.max_headers:
-            self._refuse(431, "too_many_headers", "request has too many headers")
-            raise _RequestRejected()
-        if self._head_size > limits.max_header_bytes:
-            self._refuse(431, "header_too_large", "request headers are too large")
+        if len(headers) > self._max_headers or self._head_size > self._max_head:
+            limits = self.gateway.rules.limits
+            if len(headers) > limits.max_headers:
+                self._refuse(431, "too_many_headers", "request has too many headers")
+            else:
+                self._refuse(431, "header_too_large", "request headers are too large")
             raise _RequestRejected()
 
     def on_headers_complete(self) -> None:

@@ -53,6 +53,10 @@ _UNDERSCORE = 0x5F  # an int: `int in bytes` skips the buffer protocol, `b"_"` n
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 _DROP_FROM_RESPONSE = frozenset({b"x-request-id"})
 _PASS_ON_101 = frozenset({b"upgrade", b"connection"})
+# An answer body this small is relayed without registering back-pressure.
+_SMALL_BODY = 65536
+# `Connection` tokens that name no header: nothing to take out for them.
+_PLAIN_CONNECTION_TOKENS = frozenset({b"", b"close", b"keep-alive"})
 _REPLACED_BY_TRANSFORM = frozenset(
     {b"content-type", b"content-length", b"transfer-encoding", b"content-encoding"}
 )
@@ -786,7 +790,7 @@ class Exchange:
             self.method == b"HEAD",
             self.request_done or self.body_kind == NO_BODY,
         )
-        if not self.request_done:
+        if not self.request_done and self.body_kind != NO_BODY:
             self.upload_mark = self.bytes_in
             conn.transport.registerProducer(self.client, True)
 
@@ -925,7 +929,9 @@ class Exchange:
         upstream_chunked = False
         parts = [b"HTTP/1.1 %d " % status, reason, _CRLF]
         pass_through = _PASS_ON_101 if status == 101 else ()
-        drop = hdr.connection_tokens(headers) if status != 101 else set()
+        # One pass over the headers. Headers a `Connection` header names are
+        # rare in answers: only then are they taken out, in a second pass.
+        named: set[bytes] | None = None
         for name, value in headers:
             lname = name.lower()
             if lname in hdr.HOP_BY_HOP and lname not in pass_through:
@@ -933,14 +939,26 @@ class Exchange:
                     upstream_length = value
                 elif lname == b"transfer-encoding":
                     upstream_chunked = True
+                elif lname == b"connection" and status != 101:
+                    tokens = {token.strip() for token in value.lower().split(b",")}
+                    tokens -= _PLAIN_CONNECTION_TOKENS
+                    if tokens:
+                        named = tokens if named is None else named | tokens
                 continue
-            if (
-                lname in drop
-                or lname in _DROP_FROM_RESPONSE
-                or lname.startswith(b"proxy-")
-            ):
+            if lname in _DROP_FROM_RESPONSE or lname.startswith(b"proxy-"):
                 continue
             parts += (name, b": ", value, _CRLF)
+        if named:
+            parts = parts[:3]
+            for name, value in headers:
+                lname = name.lower()
+                if not (
+                    lname in hdr.HOP_BY_HOP
+                    or lname in named
+                    or lname in _DROP_FROM_RESPONSE
+                    or lname.startswith(b"proxy-")
+                ):
+                    parts += (name, b": ", value, _CRLF)
         if no_body:
             if upstream_length is not None and status != 101:
                 parts += (b"Content-Length: ", upstream_length, _CRLF)
@@ -971,7 +989,19 @@ class Exchange:
         parts.append(_CRLF)
         transport = self.client.transport
         transport.write(b"".join(parts))
-        if not no_body and self.conn is not None:
+        # A slow client pauses the upstream only for bodies that could fill
+        # memory: one no larger than the transport's own buffer needs no
+        # back-pressure, and skipping it saves two calls per small answer.
+        if (
+            not no_body
+            and self.conn is not None
+            and (
+                upstream_length is None
+                or upstream_chunked
+                or len(upstream_length) > 5
+                or int(upstream_length) > _SMALL_BODY
+            )
+        ):
             transport.registerProducer(self.conn, True)
 
     def response_body(self, data: bytes) -> None:

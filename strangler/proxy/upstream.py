@@ -108,7 +108,14 @@ class UpstreamConnection(protocol.Protocol):
         self.idle_timeout = idle_timeout
         self.uploading = not complete
         self.transport.write(data)
-        self._timer = self.pool.reactor.callLater(timeout, self._timed_out)
+        # One timer lives as long as the connection: moving an armed timer
+        # later costs far less than a new one per request, and one left armed
+        # after an exchange finds no user when it fires.
+        timer = self._timer
+        if timer is not None and timer.active():
+            timer.reset(timeout)
+        else:
+            self._timer = self.pool.reactor.callLater(timeout, self._timed_out)
 
     def request_sent(self) -> None:
         """The last byte of the request was written: the wait for the head starts."""
@@ -252,11 +259,11 @@ class UpstreamConnection(protocol.Protocol):
     def _finish(self, keep_alive: bool) -> None:
         if self.aborted:
             return
-        self._cancel_timer()
         user, self.user = self.user, None
         if keep_alive:
             self.pool.release(self)
         else:
+            self._cancel_timer()
             self.transport.loseConnection()
         if user is not None:
             user.response_complete()
