@@ -60,7 +60,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if not args.path.startswith("/"):
         print(f"PATH {args.path!r}: must start with /", file=sys.stderr)
         return 2
-    result = explain(rules, args.method, args.path, headers, client_ip=args.client_ip)
+    from strangler.security.paths import PathError
+
+    try:
+        result = explain(
+            rules, args.method, args.path, headers, client_ip=args.client_ip
+        )
+    except PathError as exc:
+        print(f"the gateway refuses this path with 400: {exc}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
     else:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from strangler.gateway import DEFAULT_ROUTE_NAME, make_splitter
 from strangler.model import Route, Rules, SplitEntry, Transform
 from strangler.routing import Router
+from strangler.security.paths import normalise_path, rewrite_path, routing_path
 from strangler.stickiness import sticky_key
 from strangler.units import format_duration
 
@@ -23,6 +24,7 @@ class Explanation:
     route_line: int | None
     upstream: str
     path: str
+    routed_path: str
     rewritten_path: str
     decision: str
     shares: dict[str, float] = field(default_factory=dict)
@@ -50,6 +52,8 @@ class Explanation:
         if self.sticky:
             key = self.sticky_key if self.sticky_key is not None else "(absent)"
             lines.append(f"sticky:     {self.sticky} = {key}")
+        if self.routed_path != self.path.partition("?")[0]:
+            lines.append(f"routed as:  {self.routed_path}")
         lines.append(f"decision:   {self.decision}")
         lines.append(
             f"upstream:   {self.upstream} ({self.balance}: {', '.join(self.targets)})"
@@ -86,12 +90,16 @@ def explain(
 ) -> Explanation:
     """Decide route, branch and rewrite for one request as the proxy would."""
     lowered = {name.lower(): value for name, value in (headers or {}).items()}
-    path, _, query = target.partition("?")
+    raw_path, _, query = target.partition("?")
+    # The proxy's own normalisation: PathError for a path it answers with 400.
+    wire = normalise_path(raw_path.encode("latin-1"))
+    path = routing_path(wire).decode("latin-1")
     host = lowered.get("host")
     route = Router(rules.routes).match(method.upper(), path, host, lowered.get)
     entry, decision, key = _choose(route, rules, lowered, client_ip)
     upstream = rules.upstreams[entry.to]
-    rewritten = entry.rewrite.apply(path) if entry.rewrite is not None else path
+    sent = wire if entry.rewrite is None else rewrite_path(entry.rewrite, wire, path)
+    rewritten = sent.decode("latin-1")
     if query:
         rewritten += "?" + query
     shadow = None
@@ -107,6 +115,7 @@ def explain(
         route_line=route.line if route is not None else None,
         upstream=entry.to,
         path=target,
+        routed_path=path,
         rewritten_path=rewritten,
         decision=decision,
         shares={e.to: e.weight for e in route.split}

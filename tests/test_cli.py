@@ -144,6 +144,22 @@ def test_explain_sends_unmatched_requests_to_default(tmp_path: Path) -> None:
     assert explained["route"].startswith("default")
 
 
+def test_explain_routes_on_the_path_the_proxy_routes_on(tmp_path: Path) -> None:
+    """Escapes, dot segments and ;params are read as the proxy reads them."""
+    rules = write_rules(tmp_path, GOOD)
+
+    tricky = run_cli(
+        "explain", str(rules), "GET", "/api/v0/../v1/%75sers;x/42", "--json"
+    )
+    refused = run_cli("explain", str(rules), "GET", "/api/../../etc/passwd")
+
+    explained = json.loads(tricky.stdout)
+    assert explained["route"] == "users-v1"
+    assert explained["routed_path"] == "/api/v1/users/42"
+    assert refused.returncode == 1
+    assert "400" in refused.stderr and "Traceback" not in refused.stderr
+
+
 def _backend_server(tmp_path: Path) -> tuple[subprocess.Popen[bytes], int]:
     """A separate real HTTP server process standing in for the monolith."""
     sock = socket.socket()

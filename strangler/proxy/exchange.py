@@ -31,7 +31,12 @@ from strangler.proxy.hooks import ShadowTap, Verdict
 from strangler.proxy.redirects import restore_location
 from strangler.proxy.responses import error_response
 from strangler.security.identity import claims_identity
-from strangler.security.paths import PathError, normalise_path, routing_path
+from strangler.security.paths import (
+    PathError,
+    normalise_path,
+    rewrite_path,
+    routing_path,
+)
 from strangler.security.request_head import framing_problem, host_problem
 from strangler.stickiness import new_cookie_key, set_cookie_header, sticky_key
 from strangler.transforms import TransformError, pipeline
@@ -545,18 +550,11 @@ class Exchange:
         """The path the upstream receives, after `rewrite` if there is one.
 
         Without a rewrite that is the client's path as sent (dot segments
-        resolved, see strangler.security.paths). A rewrite is applied to that
-        same spelling when it matches there, so escapes and `;parameters` past
-        a prefix survive; otherwise to the routing form it was written for.
+        resolved, see strangler.security.paths).
         """
-        wire = self.wire_path
         if rewrite is None:
-            return wire
-        sent = wire.decode("latin-1")
-        rewritten = rewrite.apply(sent)
-        if rewritten == sent and sent != self.path:
-            rewritten = rewrite.apply(self.path)
-        return rewritten.encode("latin-1")
+            return self.wire_path
+        return rewrite_path(rewrite, self.wire_path, self.path)
 
     def _body_within_limit(self) -> bool:
         """Refuse a declared body over `max_body` at once; a chunked one is counted."""

@@ -36,6 +36,10 @@ from __future__ import annotations
 
 import re
 import string
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from strangler.model import Rewrite
 
 __all__ = ["PathError", "normalise_path", "routing_path"]
 
@@ -81,6 +85,20 @@ def routing_path(wire: bytes) -> bytes:
         return b"/"
     trailing = not wire.rpartition(b"/")[2].partition(b";")[0]
     return b"/" + b"/".join(names) + (b"/" if trailing else b"")
+
+
+def rewrite_path(rewrite: Rewrite, wire: bytes, routed: str) -> bytes:
+    """The path after `rewrite`, keeping the client's spelling where it can.
+
+    The rewrite is applied to the wire form when it matches there, so escapes
+    and `;parameters` past a prefix survive; otherwise to the routing form
+    `routed`, which is what the rule was written against.
+    """
+    sent = wire.decode("latin-1")
+    rewritten = rewrite.apply(sent)
+    if rewritten == sent and sent != routed:
+        rewritten = rewrite.apply(routed)
+    return rewritten.encode("latin-1")
 
 
 def _normalise(raw: bytes) -> bytes:
