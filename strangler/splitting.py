@@ -27,6 +27,9 @@ _BASIS = 100  # weights are percentages in steps of 0.01: whole basis points
 _WHOLE = 100 * _BASIS
 _PREFIX = blake2b(b"strangler split\x00", digest_size=8)
 _UNIT = 2.0**-53
+# Sticky keys come back request after request; their branch is remembered
+# while the weights stand (a new Splitter per weight change starts empty).
+_REMEMBERED_KEYS = 4096
 
 
 class Splitter:
@@ -37,7 +40,15 @@ class Splitter:
     hash. A branch of weight 0 is never picked.
     """
 
-    __slots__ = ("_branches", "_cumulative", "_only", "_random", "labels", "weights")
+    __slots__ = (
+        "_branches",
+        "_cumulative",
+        "_known",
+        "_only",
+        "_random",
+        "labels",
+        "weights",
+    )
 
     def __init__(
         self,
@@ -71,6 +82,7 @@ class Splitter:
             prefix.update(tag.encode() + b"\x00")
             branches.append((index, prefix, 1.0 / points[index]))
         self._branches = tuple(branches)
+        self._known: dict[str | bytes, int] = {}
 
     @classmethod
     def from_entries(
@@ -94,8 +106,17 @@ class Splitter:
         """
         if self._only >= 0:
             return self._only
-        data = key.encode() if isinstance(key, str) else key
+        known = self._known.get(key)
+        if known is not None:
+            return known
+        best = self._score(key)
+        if len(self._known) >= _REMEMBERED_KEYS:
+            self._known.clear()
+        self._known[key] = best
+        return best
 
+    def _score(self, key: str | bytes) -> int:
+        data = key.encode() if isinstance(key, str) else key
         best = -1
         best_score = math.inf
         for index, prefix, inverse in self._branches:

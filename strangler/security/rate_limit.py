@@ -118,6 +118,10 @@ def limited_verdict(limit: RateLimit, level: float, consumer: str | None) -> Ver
     )
 
 
+def _tokens_left(pair: tuple[RateLimit, float]) -> float:
+    return pair[1]
+
+
 def accepted_verdict(base: Verdict, limits: list[tuple[RateLimit, float]]) -> Verdict:
     """`base` plus the `RateLimit-*` headers of the tightest of `limits`.
 
@@ -127,7 +131,7 @@ def accepted_verdict(base: Verdict, limits: list[tuple[RateLimit, float]]) -> Ve
     """
     if not limits:
         return base
-    limit, level = min(limits, key=lambda pair: pair[1])
+    limit, level = limits[0] if len(limits) == 1 else min(limits, key=_tokens_left)
     return Verdict(
         True,
         consumer=base.consumer,
