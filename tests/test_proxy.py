@@ -888,3 +888,78 @@ async def test_strangler_serve_relays_every_proxy_feature(backends, tmp_path):
 
     assert tunnel.startswith(b"HTTP/1.1 101 ")
     assert b"PING-FROM-CLIENT" in tunnel
+
+
+# -- an upstream that answers before it has read the whole request body ---------
+
+
+class _EarlyAnswerBackend(protocol.Protocol):
+    """A keep-alive HTTP/1.1 server that refuses uploads without reading them.
+
+    It answers a POST's head at once with 413, then counts the body bytes the
+    request still owes before it reads another request, as a real server on
+    a kept-alive connection must. Requests are only ever read from bytes
+    past the body, so a gateway that reuses this connection without having
+    sent the whole body gets its next request swallowed as body.
+    """
+
+    def connectionMade(self) -> None:
+        self.buffer = b""
+        self.owed = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        while True:
+            if self.owed:
+                taken = min(self.owed, len(self.buffer))
+                self.owed -= taken
+                self.buffer = self.buffer[taken:]
+                if self.owed:
+                    return
+            head, found, rest = self.buffer.partition(b"\r\n\r\n")
+            if not found:
+                return
+            self.buffer = rest
+            lines = head.split(b"\r\n")
+            if lines[0].startswith(b"POST"):
+                for line in lines[1:]:
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        self.owed = int(value)
+                self.transport.write(
+                    b"HTTP/1.1 413 Too Large\r\nContent-Length: 2\r\n\r\nno"
+                )
+            else:
+                self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+
+@ensure
+async def test_an_early_answer_to_an_upload_never_leaves_the_connection_in_the_pool(
+    backends, gateway
+):
+    port = reactor.listenTCP(
+        0, protocol.Factory.forProtocol(_EarlyAnswerBackend), interface="127.0.0.1"
+    )
+    users = backends("users")
+    try:
+        gw = gateway(
+            two_upstreams(f"http://127.0.0.1:{port.getHost().port}", users.url)
+        )
+        refused = await raw_exchange(
+            gw.port,
+            b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n"
+            + b"x" * 1000,
+            wait=1.0,
+        )
+        after = [
+            await raw_exchange(
+                gw.port, b"GET /next HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+            )
+            for _ in range(3)
+        ]
+    finally:
+        await port.stopListening()
+
+    assert status_of(refused) == 413
+    assert header_values(refused, b"connection") == [b"close"]
+    assert [status_of(raw) for raw in after] == [200, 200, 200]

@@ -967,7 +967,13 @@ class Exchange:
             parts.append(b"Transfer-Encoding: chunked\r\n")
         else:
             self.keep_alive = False
-        if (self.upgrade and status != 101) or self.client.gateway.draining:
+        if (
+            (self.upgrade and status != 101)
+            or self.client.gateway.draining
+            or not self.request_done
+        ):
+            # An answer before the client finished its body: the rest of the
+            # body is never read, so the connection cannot carry another.
             self.keep_alive = False
         if status != 101:
             if not self.keep_alive:

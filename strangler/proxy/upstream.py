@@ -260,7 +260,10 @@ class UpstreamConnection(protocol.Protocol):
         if self.aborted:
             return
         user, self.user = self.user, None
-        if keep_alive:
+        # An answer that came before the whole request was sent leaves the
+        # connection owing body bytes: reusing it would read the next request
+        # as the rest of this body.
+        if keep_alive and not self.uploading:
             self.pool.release(self)
         else:
             self._cancel_timer()
