@@ -20,7 +20,7 @@ import orjson
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
-from support import header_values, raw_exchange, status_of
+from support import client_exchange, header_values, raw_exchange, status_of
 from twisted.internet import defer, protocol, reactor
 
 ISSUER = "https://id.example.test"
@@ -223,23 +223,4 @@ def paced_exchange(
     Unlike `raw_exchange`, which writes everything at once, each piece here
     leaves in a TCP segment of its own, so the gateway sees split reads.
     """
-    done: defer.Deferred[bytes] = defer.Deferred()
-    holder: dict[str, _Paced] = {}
-
-    class Factory(protocol.ClientFactory):
-        def buildProtocol(self, addr: Any) -> _Paced:
-            holder["p"] = _Paced(pieces, gap, done)
-            return holder["p"]
-
-        def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
-            done.errback(reason)
-
-    reactor.connectTCP("127.0.0.1", port, Factory())
-
-    def give_up() -> None:
-        if not done.called and "p" in holder:
-            holder["p"].transport.loseConnection()
-
-    call = reactor.callLater(wait, give_up)
-    done.addBoth(lambda result: (call.active() and call.cancel(), result)[1])
-    return done
+    return client_exchange(port, lambda done: _Paced(pieces, gap, done), wait)

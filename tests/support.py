@@ -250,12 +250,24 @@ def raw_exchange(
     port: int, payload: bytes | list[bytes], wait: float = 2.0
 ) -> defer.Deferred[bytes]:
     """Send raw bytes, return everything received until the server closes (or `wait`)."""
+    return client_exchange(port, lambda done: _RawClient(payload, done), wait)
+
+
+def client_exchange(
+    port: int,
+    build: Callable[[defer.Deferred[bytes]], protocol.Protocol],
+    wait: float,
+) -> defer.Deferred[bytes]:
+    """Connect a client protocol made by `build(done)`; close it after `wait`.
+
+    The protocol fires `done` with what it received when the connection ends.
+    """
     done: defer.Deferred[bytes] = defer.Deferred()
-    holder: dict[str, _RawClient] = {}
+    holder: dict[str, protocol.Protocol] = {}
 
     class Factory(protocol.ClientFactory):
-        def buildProtocol(self, addr: Any) -> _RawClient:
-            holder["p"] = _RawClient(payload, done)
+        def buildProtocol(self, addr: Any) -> protocol.Protocol:
+            holder["p"] = build(done)
             return holder["p"]
 
         def clientConnectionFailed(self, connector: Any, reason: Any) -> None:

@@ -20,6 +20,7 @@ from strangler.transforms.xml_json import (
 
 if TYPE_CHECKING:
     from strangler.model import Transform
+    from strangler.transforms.body_map import BodyMap
 
 __all__ = [
     "accepts",
@@ -83,23 +84,17 @@ def converts_responses(transform: Transform) -> bool:
 def convert_request(transform: Transform, body: bytes) -> bytes:
     """The request body as the upstream should get it; raises `TransformError`."""
     maps = transform.body
-    body_map = maps.request if maps is not None else None
-    name = transform.request
-    if body_map is not None and name == _JSON_INPUT:
-        body = body_map.apply_body(body)
-        body_map = None
-    if name is not None:
-        body = TRANSFORMS[name](body)
-    if body_map is not None:
-        body = body_map.apply_body(body)
-    return body
+    return _convert(transform.request, maps.request if maps else None, body)
 
 
 def convert_response(transform: Transform, body: bytes) -> bytes:
     """The response body as the client should get it; raises `TransformError`."""
     maps = transform.body
-    body_map = maps.response if maps is not None else None
-    name = transform.response
+    return _convert(transform.response, maps.response if maps else None, body)
+
+
+def _convert(name: str | None, body_map: BodyMap | None, body: bytes) -> bytes:
+    """Run a conversion and a body map, the map always on the JSON side."""
     if body_map is not None and name == _JSON_INPUT:
         body = body_map.apply_body(body)
         body_map = None
