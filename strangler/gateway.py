@@ -12,14 +12,14 @@ import random
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from strangler.balancing import TargetState, make_balancer
 from strangler.health import HealthChecker
 from strangler.metrics import Metrics, UpstreamCollector
 from strangler.model import Route, Rules, SplitEntry, Sticky, Upstream, UpstreamTls
 from strangler.outlier import OutlierDetector
-from strangler.proxy.hooks import RequestGate, ShadowSource
+from strangler.proxy.hooks import ShadowSource
 from strangler.proxy.upstream import TargetPool
 from strangler.retry_budget import RetryBudget
 from strangler.routing import Router
@@ -34,6 +34,9 @@ from strangler.shadow.mirror import build_mirror
 from strangler.shadow.registry import ShadowRegistry
 from strangler.splitting import Splitter
 from strangler.transforms.offload import ConversionPool
+
+if TYPE_CHECKING:
+    from strangler.security.gate import Gate
 
 DEFAULT_ROUTE_NAME = "default"
 
@@ -196,7 +199,7 @@ class GatewayState:
     def _build(self, rules: Rules, reactor: Any, previous: GatewayState | None) -> None:
         from strangler.security.gate import build_gate
 
-        self.gate: RequestGate | None = build_gate(
+        self.gate: Gate | None = build_gate(
             rules, reactor, previous.gate if previous is not None else None
         )
         self.plans = {route.name: self._plan(route) for route in rules.routes}

@@ -12,7 +12,7 @@ target never holds back the probes of the others.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from treq.client import HTTPClient
@@ -21,6 +21,7 @@ from twisted.internet.defer import CancelledError
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.iweb import IAgent
 
 from strangler.balancing import TargetState
 from strangler.model import HealthCheck, UpstreamTls
@@ -115,7 +116,7 @@ class HealthChecker:
         self._pool = HTTPConnectionPool(reactor, persistent=False)
         # Probes of https:// targets trust what the proxied requests trust.
         agent = Agent(reactor, contextFactory=UpstreamTrust(tls), pool=self._pool)
-        self._client = HTTPClient(agent)
+        self._client = HTTPClient(cast(IAgent, agent))
         self._loop = LoopingCall(self.probe_all)
         self._loop.clock = reactor
 

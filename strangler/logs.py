@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import IO, Any
+from typing import IO, Any, TextIO
 
 import orjson
 import structlog
@@ -24,7 +24,7 @@ from twisted.internet.task import LoopingCall
 FLUSH_INTERVAL = 0.25
 
 
-def configure_logging(stream: IO[str] | None = None, json: bool | None = None) -> None:
+def configure_logging(stream: TextIO | None = None, json: bool | None = None) -> None:
     """Set up structlog for application events: JSON lines, or console on a tty."""
     stream = stream or sys.stdout
     if json is None:

@@ -233,8 +233,8 @@ class UpstreamCollector(Collector):
             for state in upstream.states:
                 labels = [upstream.name, state.target.url]
                 ejections.add_metric(labels, state.ejections)
-                for attribute, family in flags.items():
-                    family.add_metric(labels, 1 if getattr(state, attribute) else 0)
+                for attribute, gauge in flags.items():
+                    gauge.add_metric(labels, 1 if getattr(state, attribute) else 0)
         yield from per_upstream.values()
         yield ejections
         yield from flags.values()

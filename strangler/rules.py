@@ -23,7 +23,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, cast, get_args
 from urllib.parse import urlsplit
 
 from strangler.balancing import RING_MAX_WEIGHT
@@ -920,12 +920,13 @@ def _check_raw_total(checker: _Checker, value: Any, path: KeyPath) -> None:
         for w in weights
     ):
         return
+    numbers = cast("list[float]", weights)  # each one checked just above
     if any(
         _decimal(float(w)) != _decimal(float(w)).quantize(Decimal("0.01"))
-        for w in weights
-    ):  # type: ignore[arg-type]
+        for w in numbers
+    ):
         return
-    total = sum((_decimal(float(w)) for w in weights), Decimal(0))  # type: ignore[arg-type]
+    total = sum((_decimal(float(w)) for w in numbers), Decimal(0))
     if total != 100:
         checker.report(path, f"weights must sum to 100, got {total.normalize():f}")
 

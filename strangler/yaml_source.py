@@ -17,7 +17,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
@@ -204,7 +204,8 @@ class _Walker:
                 return [
                     self.build(item, (*path, i)) for i, item in enumerate(node.value)
                 ]
-            return self._scalar(node, path)
+            # The composer builds only these three kinds of node.
+            return self._scalar(cast(ScalarNode, node), path)
         finally:
             self._active.discard(id(node))
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
-from twisted.internet.interfaces import IListeningPort, IReactorTCP, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from twisted.web.http import Request
@@ -21,6 +21,9 @@ from twisted.web.server import Site
 
 from strangler.demo.monolith import Monolith
 from strangler.demo.users_service import UsersService
+
+if TYPE_CHECKING:
+    from strangler.twisted_types import ListeningPort, ReactorClock, TCPReactor
 
 __all__ = ["DemoBackends", "DemoPorts", "start_demo_backends"]
 
@@ -59,7 +62,7 @@ class DemoBackends:
         interface: str,
         monoliths: tuple[Monolith, ...],
         users: UsersService,
-        listening: list[tuple[IListeningPort, _ConnectionTracker]],
+        listening: list[tuple[ListeningPort, _ConnectionTracker]],
     ) -> None:
         self.interface = interface
         self.monoliths = monoliths
@@ -116,7 +119,7 @@ class DemoBackends:
 
 
 def start_demo_backends(
-    reactor: IReactorTCP,
+    reactor: TCPReactor,
     ports: DemoPorts | None = None,
     interface: str = "127.0.0.1",
 ) -> DemoBackends:
@@ -128,7 +131,9 @@ def start_demo_backends(
     """
     ports = ports if ports is not None else DemoPorts()
     _check_loopback(interface)
-    clock = IReactorTime(reactor)
+    time_provider = IReactorTime(reactor)
+    # The same provider, seen through the methods the services call on it.
+    clock = cast("ReactorClock", time_provider)
 
     monoliths = tuple(
         Monolith(f"monolith-{number}", clock)
@@ -138,10 +143,10 @@ def start_demo_backends(
     resources = [monolith.resource for monolith in monoliths] + [users.resource]
     plan = zip((*ports.monolith, ports.users), resources, strict=True)
 
-    listening: list[tuple[IListeningPort, _ConnectionTracker]] = []
+    listening: list[tuple[ListeningPort, _ConnectionTracker]] = []
     try:
         for port, resource in plan:
-            tracker = _ConnectionTracker(_DemoSite(resource, reactor=clock))
+            tracker = _ConnectionTracker(_DemoSite(resource, reactor=time_provider))
             listening.append(
                 (reactor.listenTCP(port, tracker, interface=interface), tracker)
             )

@@ -12,15 +12,18 @@ from __future__ import annotations
 import html
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import fromstring as parse_xml
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from strangler.demo import DEMO_USERS, MAX_BODY, DemoUser, Router, query_arg, read_body
+
+if TYPE_CHECKING:
+    from strangler.twisted_types import ReactorClock, Timer
 
 __all__ = ["DEMO_ORDERS", "MAX_DELAY_MS", "MAX_USERS", "DemoOrder", "Monolith"]
 
@@ -60,7 +63,7 @@ class Monolith:
     `X-Served-By`, so a demo can show which instance the gateway picked.
     """
 
-    def __init__(self, instance: str, clock: IReactorTime) -> None:
+    def __init__(self, instance: str, clock: ReactorClock) -> None:
         self.instance = instance
         self._clock = clock
         self._users: dict[int, DemoUser] = {user.id: user for user in DEMO_USERS}
@@ -166,7 +169,7 @@ class Monolith:
         request.finish()
 
 
-def _cancel_when_gone(reason: Failure, call: IDelayedCall) -> None:
+def _cancel_when_gone(reason: Failure, call: Timer) -> None:
     """The client left before the report was ready: nobody needs it any more."""
     if call.active():
         call.cancel()

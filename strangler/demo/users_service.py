@@ -15,10 +15,9 @@ from __future__ import annotations
 import math
 import random
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
@@ -31,6 +30,9 @@ from strangler.demo import (
     query_arg,
     read_body,
 )
+
+if TYPE_CHECKING:
+    from strangler.twisted_types import ReactorClock
 
 __all__ = ["MAX_USERS", "UsersService"]
 
@@ -51,7 +53,7 @@ class UsersService:
     def __init__(
         self,
         instance: str,
-        clock: IReactorTime,
+        clock: ReactorClock,
         rng: random.Random | None = None,
     ) -> None:
         self.instance = instance

@@ -22,6 +22,7 @@ from strangler.proxy.transports import hold_writes, release_writes
 if TYPE_CHECKING:
     from strangler.gateway import Gateway
     from strangler.proxy.upstream import UpstreamConnection
+    from strangler.twisted_types import ProxyTransport, Timer
 
 IDLE_TIMEOUT = 60.0
 _NO_HEADERS: tuple[tuple[bytes, bytes, bytes], ...] = ()
@@ -38,6 +39,10 @@ class ClientConnection(protocol.Protocol):
     PAUSE_UPSTREAM = 2
     PAUSE_BUFFER = 4
     PAUSE_UPGRADE = 8
+
+    # Twisted types this `ITransport | None`; the gateway only reads and writes
+    # while connected, through the methods `ProxyTransport` names.
+    transport: ProxyTransport  # type: ignore[assignment]
 
     def __init__(self, gateway: Gateway, scheme: bytes = b"http") -> None:
         self.gateway = gateway
@@ -61,7 +66,7 @@ class ClientConnection(protocol.Protocol):
         self._max_head = 0
         self._head_raw = 0
         self._in_head = False
-        self._timer: Any = None
+        self._timer: Timer | None = None
         self._head_started = 0.0
         self._idle_since = 0.0
         self._body_read_at = 0.0

@@ -15,6 +15,7 @@ the TLS layer first.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from twisted.internet import tcp
@@ -75,7 +76,7 @@ class _SendAtOnce:
             return
         self._send(data)
 
-    def writeSequence(self, iovec: list[bytes]) -> None:
+    def writeSequence(self, iovec: Iterable[bytes]) -> None:
         self.write(b"".join(iovec))
 
     def send_held(self) -> None:

@@ -16,7 +16,6 @@ from typing import Protocol as TypingProtocol
 
 import httptools
 from twisted.internet import protocol
-from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.python.failure import Failure
 
 from strangler.errors import (
@@ -32,6 +31,7 @@ from strangler.security.tls import handshake_problem
 
 if TYPE_CHECKING:
     from strangler.balancing import TargetState
+    from strangler.twisted_types import ProxyTransport, Timer, UpstreamReactor
 
 MAX_IDLE_PER_TARGET = 256
 
@@ -59,6 +59,10 @@ class _SkipBody(Exception):
 class UpstreamConnection(protocol.Protocol):
     """One keep-alive connection to one target."""
 
+    # Twisted types this `ITransport | None`; a pooled connection is only ever
+    # used while connected, through the methods `ProxyTransport` names.
+    transport: ProxyTransport  # type: ignore[assignment]
+
     def __init__(self, pool: TargetPool) -> None:
         self.pool = pool
         self.user: UpstreamUser | None = None
@@ -69,7 +73,7 @@ class UpstreamConnection(protocol.Protocol):
         self.tunnel = False
         self._reason = b""
         self._headers: list[tuple[bytes, bytes]] = []
-        self._timer: Any = None
+        self._timer: Timer | None = None
         self._stopped_for_head = False
         self.connecting: _Connecting | None = None
         self.paused = False
@@ -365,7 +369,7 @@ class TargetPool:
     def __init__(
         self,
         state: TargetState,
-        reactor: IReactorTCP | IReactorTime | Any,
+        reactor: UpstreamReactor,
         tls_options: Any = None,
     ) -> None:
         self.state = state
