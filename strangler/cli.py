@@ -162,7 +162,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not args.no_watch:
         server.watch()
     server.follow_state()
-    reactor.run(installSignalHandlers=False)  # type: ignore[attr-defined]
+    reactor.run(installSignalHandlers=False)
     return 0
 
 

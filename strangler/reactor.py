@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover - not Linux
 
 if EPollReactor is not None:
 
-    class GatewayReactor(EPollReactor):  # type: ignore[misc,valid-type]
+    class GatewayReactor(EPollReactor):
         """An epoll reactor whose event loop skips Twisted's logging context."""
 
         def doPoll(self, timeout: float | None) -> None:

@@ -96,7 +96,7 @@ class Capture:
         self.limit = limit
         self.chunks: list[bytes] = []
         self.size = 0
-        self.hasher: blake2b | None = None  # type: ignore[valid-type]
+        self.hasher: blake2b | None = None
 
     def add(self, data: bytes) -> None:
         self.size += len(data)

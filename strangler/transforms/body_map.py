@@ -452,7 +452,7 @@ def _put(body: dict[str, object], path: Path, value: object) -> None:
                 f"{_kind(child)}, not an object",
                 reason="unsupported",
             )
-        node = child  # type: ignore[assignment]
+        node = child
     node[path[-1]] = value
 
 
