@@ -19,6 +19,9 @@ from twisted.internet import defer, protocol, reactor, threads
 from strangler.workers import RestartBackoff, Supervisor
 
 ensure = pytest_twisted.ensureDeferred
+# Workers start in a second or two; a machine busy with other work can take
+# far longer, and these waits only bound a failing test, they time nothing.
+STARTUP_WAIT = 90
 
 
 def _rules(tmp_path: Path, backend_url: str, extra: str = "") -> Path:
@@ -340,7 +343,7 @@ async def test_sigterm_to_the_supervisor_drains_every_worker_up_to_drain_timeout
         ready = threads.deferToThread(
             _read_until, gateway.process.stdout, "listening", 2
         )
-        await ready.addTimeout(20, reactor)
+        await ready.addTimeout(STARTUP_WAIT, reactor)
         finishing = [
             threads.deferToThread(_outcome, f"{base}/slow?ms=1000&n={n}")
             for n in range(6)
@@ -372,12 +375,12 @@ async def test_sighup_to_the_supervisor_reloads_every_worker(tmp_path, backends)
         ready = threads.deferToThread(
             _read_until, gateway.process.stdout, "listening", 2
         )
-        await ready.addTimeout(20, reactor)
+        await ready.addTimeout(STARTUP_WAIT, reactor)
         rules.write_text(rules.read_text().replace(first.url, second.url))
         reading = threads.deferToThread(
             _read_until, gateway.process.stdout, "reloaded", 2
         )
-        reading.addTimeout(20, reactor)
+        reading.addTimeout(STARTUP_WAIT, reactor)
         gateway.signal(signal.SIGHUP)
         events = await reading
         after = [
