@@ -439,3 +439,76 @@ async def test_sigterm_lets_a_long_download_in_flight_finish_whole(tmp_path, bac
     assert received > 33554432
     assert received < 33554432 + head * 10
     assert code == 0
+
+
+def _keep_asking(port: int, stop_at: float, outcomes: list[Any]) -> None:
+    """One keep-alive client asking until the gateway stops taking connections.
+
+    Each outcome is a status with the body length, or the name of the error
+    that ended the client. Bounded by `stop_at` whatever happens.
+    """
+    import http.client
+    import time
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+    try:
+        while time.monotonic() < stop_at:
+            try:
+                conn.request("GET", "/slow?ms=200")
+                reply = conn.getresponse()
+                outcomes.append((reply.status, len(reply.read())))
+            except (OSError, http.client.HTTPException) as exc:
+                outcomes.append(type(exc).__name__)
+                return
+    finally:
+        conn.close()
+
+
+@ensure
+async def test_a_drain_under_load_finishes_every_request_it_took(tmp_path, backends):
+    """SIGTERM during steady load: every request the gateway began is answered whole.
+
+    Clients that try to start a request after the listener closed are
+    refused (or find their idle keep-alive connection closed); none of
+    those reached the gateway, which the access log shows.
+    """
+    import time
+
+    backend = backends("monolith")
+    gateway = ServeProcess(_rules(tmp_path, backend.url, "drain_timeout: 10s"))
+    outcomes: list[Any] = []
+    stop_at = time.monotonic() + 30
+    clients = [
+        threads.deferToThread(_keep_asking, gateway.port, stop_at, outcomes)
+        for _ in range(8)
+    ]
+    try:
+        await sleep(1.5)
+        answered_before = len(outcomes)
+        gateway.signal(signal.SIGTERM)
+        for client in clients:
+            await client
+        code = await threads.deferToThread(gateway.process.wait, 30)
+    finally:
+        gateway.stop()
+
+    answers = [o for o in outcomes if isinstance(o, tuple)]
+    endings = [o for o in outcomes if isinstance(o, str)]
+    logged = [
+        json.loads(line)
+        for line in (tmp_path / "access.log").read_text().splitlines()
+        if '"event":"request"' in line
+    ]
+
+    assert answered_before > 0 and len(answers) > answered_before
+    assert {status for status, _ in answers} == {200}
+    # http.client raises IncompleteRead for a cut body, which would end a client.
+    assert len(endings) == 8
+    assert set(endings) <= {
+        "ConnectionRefusedError",
+        "RemoteDisconnected",
+        "ConnectionResetError",
+    }
+    assert len(logged) == len(answers)
+    assert {entry["status"] for entry in logged} == {200}
+    assert code == 0
