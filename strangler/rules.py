@@ -749,6 +749,11 @@ def _header_template(checker: _Checker, value: Any, path: KeyPath) -> str | None
     if "\r" in text or "\n" in text:
         checker.report(path, "a header value cannot contain a line break")
         return None
+    if not text.isascii() or any(ord(char) < 32 and char != "\t" for char in text):
+        # Header values cross the wire as bytes; outside printable ASCII there
+        # is no spelling every upstream and client reads the same way.
+        checker.report(path, "a header value must be printable ASCII")
+        return None
     return text
 
 
@@ -1659,7 +1664,9 @@ def _access_log(checker: _Checker, value: Any, path: KeyPath) -> AccessLog | Non
     if isinstance(value, bool):
         return AccessLog(enabled=value)
     if not isinstance(value, dict):
-        checker.report(path, f"expected false or {{enabled, path}}, got {_show(value)}")
+        checker.report(
+            path, f"expected true, false or {{enabled, path}}, got {_show(value)}"
+        )
         return None
     values = checker.fields(value, path, {"enabled": _bool, "path": _text})
     return AccessLog(**values) if values is not None else None

@@ -1168,3 +1168,16 @@ def test_route_named_default_is_refused() -> None:
     assert problem.startswith(
         "rules/demo.yaml:8: routes[0].name: 'default' names the catch-all"
     )
+
+
+def test_header_edit_values_must_be_printable_ascii() -> None:
+    text = with_routes(
+        "  - name: r\n    to: users\n    headers:\n"
+        "      response: {set: {X-Price: 'costs 5 \u20ac'}}\n"
+    )
+
+    (problem,) = problems(text)
+
+    assert problem.startswith("rules/demo.yaml:")
+    assert "routes[0].headers.response.set.X-Price" in problem
+    assert "printable ASCII" in problem
