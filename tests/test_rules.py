@@ -487,7 +487,7 @@ def test_empty_lists_are_refused_where_an_item_is_needed() -> None:
     assert problems(text) == [
         "rules/demo.yaml:5: upstreams.users.targets: expected at least one item, "
         "got an empty list",
-        "rules/demo.yaml:7: access_log: expected false or {enabled, path}, got 'maybe'",
+        "rules/demo.yaml:7: access_log: expected true, false or {enabled, path}, got 'maybe'",
         "rules/demo.yaml:9: routes[0].split: expected at least one item, "
         "got an empty list",
     ]
