@@ -51,26 +51,23 @@ def accepts(name: str, content_type: bytes | None) -> bool:
 
 def converts_request(transform: Transform, content_type: bytes | None) -> bool:
     """Whether a request body with this `Content-Type` must be held and converted."""
-    if transform.request is not None:
-        return accepts(transform.request, content_type)
     maps = transform.body
-    return (
-        maps is not None
-        and maps.request is not None
-        and accepts(_JSON_INPUT, content_type)
-    )
+    return _converts(transform.request, maps.request if maps else None, content_type)
 
 
 def converts_response(transform: Transform, content_type: bytes | None) -> bool:
     """Whether a response body with this `Content-Type` must be held and converted."""
-    if transform.response is not None:
-        return accepts(transform.response, content_type)
     maps = transform.body
-    return (
-        maps is not None
-        and maps.response is not None
-        and accepts(_JSON_INPUT, content_type)
-    )
+    return _converts(transform.response, maps.response if maps else None, content_type)
+
+
+def _converts(
+    name: str | None, body_map: BodyMap | None, content_type: bytes | None
+) -> bool:
+    """A conversion reads its own media type; a body map alone reads JSON."""
+    if name is not None:
+        return accepts(name, content_type)
+    return body_map is not None and accepts(_JSON_INPUT, content_type)
 
 
 def converts_responses(transform: Transform) -> bool:
