@@ -627,7 +627,7 @@ async def test_admin_api_and_metrics_count_fallbacks_retries_ejections_and_503s(
 
     served = await raw_exchange(gw.port, get("/u/1", {"Connection": "close"}))
     slow = raw_exchange(gw.port, get("/slow?ms=300", {"Connection": "close"}))
-    await sleep(0.1)
+    await _until(lambda: gw.server.gateway.state.upstreams["tight"].in_flight == 1)
     refused = await raw_exchange(gw.port, get("/slow?ms=1", {"Connection": "close"}))
     await slow
     view = await (await client.get(admin + "/upstreams", headers=auth)).json()

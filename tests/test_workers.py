@@ -109,6 +109,8 @@ async def test_sighup_reloads_the_rule_file(tmp_path, backends):
     base = f"http://127.0.0.1:{gateway.port}"
     try:
         rules.write_text(rules.read_text().replace(first.url, second.url))
+        # Longer than the file watcher's 1 s poll: proving it does not run
+        # needs the time it would have taken (there is no event to wait on).
         await sleep(1.5)
         before = json.loads((await threads.deferToThread(_fetch, f"{base}/a"))[1])
         gateway.signal(signal.SIGHUP)
@@ -310,6 +312,15 @@ def test_restart_pause_is_capped() -> None:
     assert backoff.after_exit(10.0) == 1.0
 
 
+async def _until(predicate: Any, limit: float = 30.0) -> None:
+    """Wait for something the test needs to have happened (bounded)."""
+    for _ in range(int(limit / 0.02)):
+        if predicate():
+            return
+        await sleep(0.02)
+    raise AssertionError("the condition was never reached")
+
+
 def _outcome(url: str) -> tuple[int, bytes] | str:
     """The answer, or the name of the error that ended the request."""
     try:
@@ -351,7 +362,7 @@ async def test_sigterm_to_the_supervisor_drains_every_worker_up_to_drain_timeout
         hanging = [
             threads.deferToThread(_outcome, f"{base}/hang?n={n}") for n in range(2)
         ]
-        await sleep(0.5)
+        await _until(lambda: len(backend.requests) == 8)
         gateway.signal(signal.SIGTERM)
         done = [await request for request in finishing]
         cut = [await request for request in hanging]
@@ -428,7 +439,7 @@ async def test_sigterm_lets_a_long_download_in_flight_finish_whole(tmp_path, bac
         protocol.ClientCreator(reactor, _SlowReader, done).connectTCP(
             "127.0.0.1", gateway.port
         )
-        await sleep(0.3)
+        await _until(lambda: bool(backend.requests))
         gateway.signal(signal.SIGTERM)
         received = await done.addTimeout(30, reactor)
         code = await threads.deferToThread(gateway.process.wait, 20)
@@ -483,7 +494,7 @@ async def test_a_drain_under_load_finishes_every_request_it_took(tmp_path, backe
         for _ in range(8)
     ]
     try:
-        await sleep(1.5)
+        await _until(lambda: len(outcomes) >= 16)
         answered_before = len(outcomes)
         gateway.signal(signal.SIGTERM)
         for client in clients:

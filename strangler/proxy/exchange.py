@@ -468,8 +468,7 @@ class Exchange:
         self.plan = self.state.plan_for(plan)
         self.branch = self._choose_branch(self.plan)
 
-        rewrite = self.branch.entry.rewrite
-        target = self.wire_path if rewrite is None else self.upstream_path(rewrite)
+        target = self.upstream_path(self.branch.entry.rewrite)
         if self.query:
             target += b"?" + self.query
         if connection_tokens is not None:
