@@ -5,13 +5,11 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
-import subprocess
-import sys
 from dataclasses import dataclass
 from typing import Any
 
 import pytest_twisted
-from cli_support import ServeProcess
+from cli_support import ServeProcess, run_cli
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -298,12 +296,7 @@ def test_cli_check_reports_security_problems_with_file_and_line(tmp_path):
         "  - {name: r, to: m, rate_limit: {rate: fast}}\n"
     )
 
-    done = subprocess.run(
-        [sys.executable, "-m", "strangler", "check", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run_cli("check", str(path), timeout=60)
 
     assert done.returncode == 1
     lines = (done.stdout + done.stderr).splitlines()
@@ -473,12 +466,7 @@ def test_upstream_tls_problems_name_file_line_and_key(tmp_path):
         "default: a\n"
     )
 
-    done = subprocess.run(
-        [sys.executable, "-m", "strangler", "check", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run_cli("check", str(path), timeout=60)
 
     lines = (done.stdout + done.stderr).splitlines()
     assert done.returncode == 1
