@@ -414,20 +414,7 @@ async def test_jwks_url_is_fetched_and_refreshed_on_unknown_kid_once(
     try:
         backend = backends("monolith")
         url = f"http://127.0.0.1:{port.getHost().port}/jwks.json"
-        gw = gateway(f"""
-listen: 127.0.0.1:0
-access_log: false
-upstreams: {{monolith: {{targets: [{backend.url}]}}}}
-default: monolith
-auth:
-  default: jwt
-  jwt:
-    issuers:
-      - issuer: {ISSUER}
-        audience: {AUDIENCE}
-        algorithms: [RS256]
-        jwks_url: '{url}'
-""")
+        gw = gateway(_jwks_url_rules(backend.url, url))
         first, _ = await send(gw.port, get("/x", f"Authorization: Bearer {token()}"))
 
         keys.document = jwks((SIGNING_KEY, "k1"), (OTHER_KEY, "k2"))
